@@ -1,0 +1,376 @@
+"""Conversation -> token ids + labels, supervising only what the assistant says.
+
+How the mask is found: the chat template renders the conversation once to text, the text is
+tokenised once with a fast tokenizer's offset mapping, and each assistant reply is located in
+that text by *character* position. Positions come from a second rendering in which every
+message's content is replaced by a unique placeholder; when the template copies content
+verbatim (the usual case) this gives exact spans without any string search. Templates that
+transform content (trim it, split off a ``<think>`` block, ...) fall back to an ordered search.
+Token ids of template strings are never searched for: BPE merges differ by context.
+
+A reply is supervised together with the end-of-turn token the template writes after it (the
+first special token after the reply: ``<|im_end|>``, ``</s>``, ``<|endoftext|>`` ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lit_mllm.data.chat_template import DEFAULT_CHAT_TEMPLATE
+from lit_mllm.data.special_tokens import (
+    IGNORE_INDEX,
+    IM_END,
+    IM_PATCH,
+    IM_START,
+    IMAGE_PLACEHOLDER,
+    add_image_tokens,
+)
+
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
+_PLACEHOLDER = "\ue000{}\ue001"
+
+
+class ConversationError(ValueError):
+    """A conversation that cannot be trained on; the message names the sample and the turn."""
+
+
+class NoSupervisedTokensError(ConversationError):
+    """Nothing left to supervise (e.g. after truncation): the sample is dropped and counted."""
+
+
+@dataclass
+class TokenizedConversation:
+    input_ids: torch.Tensor  # (T,) int64
+    labels: torch.Tensor  # (T,) int64, IGNORE_INDEX where not supervised
+    num_images: int  # image blocks kept (after truncation)
+    truncated: bool = False
+    reply_spans: list[tuple[int, int]] = field(default_factory=list)  # token [start, end) per reply
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def normalize_conversation(
+    conversation: Sequence[Mapping[str, Any]],
+    *,
+    sample_id: str = "?",
+    system_prompt: str | None = None,
+) -> list[dict[str, str]]:
+    """Accept ``{"from","value"}`` or ``{"role","content"}`` turns; check roles and alternation."""
+    if not isinstance(conversation, Sequence) or isinstance(conversation, str):
+        raise ConversationError(f"sample {sample_id}: conversation must be a list of turns")
+    messages: list[dict[str, str]] = []
+    for index, turn in enumerate(conversation):
+        if not isinstance(turn, Mapping):
+            raise ConversationError(f"sample {sample_id}, turn {index}: a turn must be an object")
+        raw_role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
+        if role is None:
+            raise ConversationError(
+                f"sample {sample_id}, turn {index}: unknown role {raw_role!r} "
+                f"(expected one of {sorted(ROLE_ALIASES)})"
+            )
+        if not isinstance(content, str):
+            raise ConversationError(
+                f"sample {sample_id}, turn {index}: content must be a string, "
+                f"got {type(content).__name__}"
+            )
+        if role == "assistant" and not content.strip():
+            raise ConversationError(f"sample {sample_id}, turn {index}: empty assistant reply")
+        messages.append({"role": role, "content": content})
+
+    body_start = 1 if messages and messages[0]["role"] == "system" else 0
+    for index in range(body_start, len(messages)):
+        expected = "user" if (index - body_start) % 2 == 0 else "assistant"
+        if messages[index]["role"] != expected:
+            raise ConversationError(
+                f"sample {sample_id}, turn {index}: expected role {expected!r}, got "
+                f"{messages[index]['role']!r} (turns must alternate user/assistant after an "
+                "optional system turn)"
+            )
+    if len(messages) == body_start:
+        raise ConversationError(f"sample {sample_id}: conversation has no user turn")
+    if body_start == 0 and system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def image_block(num_image_tokens: int) -> str:
+    return IM_START + IM_PATCH * num_image_tokens + IM_END
+
+
+def expand_image_placeholders(
+    messages: list[dict[str, str]], *, num_images: int, num_image_tokens: int, sample_id: str
+) -> list[dict[str, str]]:
+    """Replace each ``<image>`` with its token block; add one before the first user text if none."""
+    count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    for index, message in enumerate(messages):
+        if message["role"] != "user" and IMAGE_PLACEHOLDER in message["content"]:
+            raise ConversationError(
+                f"sample {sample_id}, turn {index}: {IMAGE_PLACEHOLDER} is only allowed in user turns"
+            )
+    if count == 0 and num_images > 0:
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages = [dict(m) for m in messages]
+        messages[first_user]["content"] = (
+            IMAGE_PLACEHOLDER + "\n" + messages[first_user]["content"]
+        )
+        count = num_images
+    if count != num_images:
+        raise ConversationError(
+            f"sample {sample_id}: {count} {IMAGE_PLACEHOLDER} marker(s) but {num_images} image(s)"
+        )
+    block = image_block(num_image_tokens)
+    return [
+        {"role": m["role"], "content": m["content"].replace(IMAGE_PLACEHOLDER, block)}
+        for m in messages
+    ]
+
+
+class ConversationTokenizer:
+    """Holds a tokenizer and the fixed settings; ``__call__`` tokenises one conversation."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        num_image_tokens: int,
+        max_length: int | None = None,
+        system_prompt: str | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not tokenizer.is_fast:
+            raise ValueError(
+                f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer; label masking "
+                "needs character offsets (install `tokenizers` and load with use_fast=True)"
+            )
+        self.tokenizer = tokenizer
+        self.image_ids = add_image_tokens(tokenizer)
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+        self.chat_template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self._special_ids = set(tokenizer.all_special_ids)
+
+    # -- rendering -----------------------------------------------------------------------------
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            **self.chat_template_kwargs,
+        )
+
+    def _content_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+        """Character span of each message's content in ``text`` (the real rendering)."""
+        placeholders = [_PLACEHOLDER.format(i) for i in range(len(messages))]
+        skeleton = self.render(
+            [{"role": m["role"], "content": p} for m, p in zip(messages, placeholders, strict=True)]
+        )
+        spans: list[tuple[int, int]] = []
+        rebuilt: list[str] = []
+        cursor = shift = 0
+        for message, placeholder in zip(messages, placeholders, strict=True):
+            at = skeleton.find(placeholder, cursor)
+            if at < 0 or skeleton.count(placeholder) != 1:
+                return self._search_spans(messages, text)
+            rebuilt.append(skeleton[cursor:at] + message["content"])
+            start = at + shift
+            spans.append((start, start + len(message["content"])))
+            shift += len(message["content"]) - len(placeholder)
+            cursor = at + len(placeholder)
+        rebuilt.append(skeleton[cursor:])
+        if "".join(rebuilt) != text:  # the template transformed some content
+            return self._search_spans(messages, text)
+        return spans
+
+    @staticmethod
+    def _search_spans(messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for index, message in enumerate(messages):
+            at = -1
+            for content in _rendering_variants(message["content"]):
+                at = text.find(content, cursor)
+                if at >= 0:
+                    break
+            if at < 0 or not content:
+                if message["role"] == "assistant" and content.strip():
+                    raise ConversationError(
+                        f"turn {index}: the chat template changed the assistant reply so that it "
+                        "cannot be located in the rendered text"
+                    )
+                spans.append((cursor, cursor))
+                continue
+            spans.append((at, at + len(content)))
+            cursor = at + len(content)
+        return spans
+
+    # -- tokenisation --------------------------------------------------------------------------
+    def __call__(
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        *,
+        num_images: int = 1,
+        sample_id: str = "?",
+    ) -> TokenizedConversation:
+        messages = normalize_conversation(
+            conversation, sample_id=sample_id, system_prompt=self.system_prompt
+        )
+        messages = expand_image_placeholders(
+            messages,
+            num_images=num_images,
+            num_image_tokens=self.num_image_tokens,
+            sample_id=sample_id,
+        )
+        try:
+            text = self.render(messages)
+        except Exception as error:  # jinja raise_exception, e.g. no system role (Mistral)
+            if messages[0]["role"] != "system":
+                raise ConversationError(
+                    f"sample {sample_id}: chat template failed: {error}"
+                ) from error
+            messages = _merge_system_into_first_user(messages)
+            text = self.render(messages)
+        spans = self._content_spans(messages, text)
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
+        offsets = encoding["offset_mapping"]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        starts = torch.tensor([s for s, _ in offsets], dtype=torch.long)
+        ends = torch.tensor([e for _, e in offsets], dtype=torch.long)
+
+        reply_spans: list[tuple[int, int]] = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            char_start, char_end = spans[index]
+            next_start = spans[index + 1][0] if index + 1 < len(spans) else len(text)
+            # tokens overlapping the reply; one that straddles its start (a reply opening with
+            # whitespace merged into the header's newline) must be emitted, so it is supervised
+            inside = (ends > char_start) & (starts < char_end) & (ends > starts)
+            token_ids = torch.nonzero(inside).flatten()
+            first = int(token_ids[0]) if len(token_ids) else int(torch.searchsorted(starts, char_end))
+            last = int(token_ids[-1]) + 1 if len(token_ids) else first
+            # the end-of-turn marker: first special token between the reply and the next turn
+            cursor = last
+            while cursor < len(input_ids) and starts[cursor] < next_start:
+                if int(input_ids[cursor]) in self._special_ids:
+                    last = cursor + 1
+                    break
+                cursor += 1
+            labels[first:last] = input_ids[first:last]
+            reply_spans.append((first, last))
+
+        truncated = False
+        num_kept_images = num_images
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            cut = self._safe_cut(input_ids, self.max_length)
+            num_kept_images = int((input_ids[:cut] == self.image_ids.start).sum())
+            input_ids, labels = input_ids[:cut], labels[:cut]
+            reply_spans = [(s, min(e, cut)) for s, e in reply_spans if s < cut]
+            truncated = True
+        result = TokenizedConversation(input_ids, labels, num_kept_images, truncated, reply_spans)
+        if result.num_supervised == 0:
+            raise NoSupervisedTokensError(
+                f"sample {sample_id}: no supervised token"
+                + (f" left after truncation to {self.max_length} tokens" if truncated else "")
+            )
+        return result
+
+    def _safe_cut(self, input_ids: torch.Tensor, max_length: int) -> int:
+        """Largest cut <= max_length that does not split an image block."""
+        head = input_ids[:max_length]
+        opened = int((head == self.image_ids.start).sum())
+        closed = int((head == self.image_ids.end).sum())
+        if opened == closed:
+            return max_length
+        last_start = int(torch.nonzero(head == self.image_ids.start).flatten()[-1])
+        return last_start
+
+    def generation_prompt(
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        *,
+        num_images: int = 1,
+        sample_id: str = "?",
+    ) -> torch.Tensor:
+        """Token ids of the conversation so far + the assistant header, for ``generate``.
+
+        A trailing assistant turn (e.g. the reference caption) is dropped.
+        """
+        messages = normalize_conversation(
+            conversation, sample_id=sample_id, system_prompt=self.system_prompt
+        )
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        messages = expand_image_placeholders(
+            messages,
+            num_images=num_images,
+            num_image_tokens=self.num_image_tokens,
+            sample_id=sample_id,
+        )
+        try:
+            text = self.render(messages, add_generation_prompt=True)
+        except Exception:
+            if messages[0]["role"] != "system":
+                raise
+            text = self.render(_merge_system_into_first_user(messages), add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+
+def _rendering_variants(content: str) -> list[str]:
+    """What templates commonly make of a content string: as is, newlines stripped, trimmed."""
+    variants = [content, content.lstrip("\n"), content.strip("\n"), content.strip()]
+    if "</think>" in content:  # Qwen3 renders reasoning separately (or drops it)
+        variants.append(content.split("</think>")[-1].lstrip("\n"))
+    return [v for i, v in enumerate(variants) if v and v not in variants[:i]]
+
+
+def _merge_system_into_first_user(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """For templates without a system role (Mistral v0.1): prepend it to the first user turn."""
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    if system:
+        rest[0]["content"] = system + "\n\n" + rest[0]["content"]
+    return rest
+
+
+def tokenize_conversation(
+    conversation: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    num_image_tokens: int,
+    max_length: int | None = None,
+    system_prompt: str | None = None,
+    num_images: int = 1,
+    sample_id: str = "?",
+    chat_template: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> TokenizedConversation:
+    """Tokenise one conversation with labels on assistant replies only (see module docstring)."""
+    return ConversationTokenizer(
+        tokenizer,
+        num_image_tokens=num_image_tokens,
+        max_length=max_length,
+        system_prompt=system_prompt,
+        chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs,
+    )(conversation, num_images=num_images, sample_id=sample_id)

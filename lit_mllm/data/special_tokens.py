@@ -1,0 +1,44 @@
+"""The image tokens: one place that names them and adds them to a tokenizer."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+IMAGE_PLACEHOLDER = "<image>"
+IM_START = "<im_start>"
+IM_PATCH = "<im_patch>"
+IM_END = "<im_end>"
+IMAGE_SPECIAL_TOKENS = (IM_START, IM_PATCH, IM_END)
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ImageTokenIds:
+    start: int
+    patch: int
+    end: int
+
+
+def add_image_tokens(tokenizer: PreTrainedTokenizerBase) -> ImageTokenIds:
+    """Register the image tokens as special tokens (idempotent) and return their ids.
+
+    Special tokens are never split or merged by BPE, so each is exactly one id.
+    A pad token is set to eos when the tokenizer has none (GPT-2, Mistral).
+    """
+    missing = [t for t in IMAGE_SPECIAL_TOKENS if t not in tokenizer.added_tokens_encoder]
+    if missing:
+        extra = {"replace_extra_special_tokens": False} if _has_replace_flag(tokenizer) else {}
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, **extra)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    ids = ImageTokenIds(*(tokenizer.convert_tokens_to_ids(t) for t in IMAGE_SPECIAL_TOKENS))
+    return ids
+
+
+def _has_replace_flag(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
