@@ -1,0 +1,257 @@
+"""The LightningDataModule: sources -> tokenised samples -> batches."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from lit_mllm.data.collate import MLLMCollator
+from lit_mllm.data.conversation import ConversationTokenizer
+from lit_mllm.data.dataset import MLLMDataset, OnBadSample
+from lit_mllm.data.records import SampleStore
+from lit_mllm.data.sources import DEFAULT_CAPTION_PROMPT, load_source
+from lit_mllm.data.tokenizer import load_tokenizer
+from lit_mllm.data.transforms import build_image_transform
+
+log = logging.getLogger(__name__)
+Stage = Literal["train", "val", "test", "predict"]
+
+
+@dataclass
+class SplitSource:
+    """Where one split comes from: a reader kind, its file and the folder its image paths are in.
+
+    ``split`` is only used by Karpathy files (train/restval/val/test inside one JSON).
+    """
+
+    kind: Literal["coco", "karpathy", "llava"]
+    file: str
+    image_root: str
+    split: str | None = None
+
+
+@dataclass
+class SyntheticData:
+    """The embedded default: a procedurally drawn captioning set, written once to ``dir``."""
+
+    dir: str = "data/synthetic"
+    num_train: int = 4000
+    num_val: int = 200
+    num_test: int = 200
+    seed: int = 0
+    image_size: int = 64
+    task: Literal["caption", "instruct"] = "caption"
+
+    def source(self, stage: Stage) -> SplitSource:
+        split = {"train": "train", "val": "val", "test": "test", "predict": "val"}[stage]
+        root = str(Path(self.dir) / "images")
+        if stage == "train" and self.task == "instruct":
+            return SplitSource("llava", str(Path(self.dir) / "llava_train.json"), root)
+        return SplitSource(
+            "coco", str(Path(self.dir) / f"captions_{split}.json"), f"{root}/{split}"
+        )
+
+
+class MLLMDataModule(L.LightningDataModule):
+    """Builds loaders for fit/validate/test/predict.
+
+    Settings that belong to the model (tokenizer, number of image tokens, the encoder's image
+    config) are read from the attached LightningModule when not given here, so there is one
+    source of truth; pass them explicitly to use the DataModule on its own.
+    """
+
+    def __init__(
+        self,
+        synthetic: SyntheticData | None = None,
+        train: SplitSource | None = None,
+        val: SplitSource | None = None,
+        test: SplitSource | None = None,
+        predict: SplitSource | None = None,
+        caption_prompt: str = DEFAULT_CAPTION_PROMPT,
+        one_sample_per_caption: bool = True,
+        system_prompt: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        num_image_tokens: int | None = None,
+        image_data_config: dict[str, Any] | None = None,
+        crop_pct: float | None = 1.0,
+        augment: bool = False,
+        max_length: int = 512,
+        packing: bool = False,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        on_bad_sample: OnBadSample = "error",
+        val_limit: int | None = None,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if synthetic is None and train is None and val is None and test is None and predict is None:
+            synthetic = SyntheticData()
+        self.synthetic = synthetic
+        self.sources: dict[Stage, SplitSource | None] = {
+            stage: given or (synthetic.source(stage) if synthetic else None)
+            for stage, given in (
+                ("train", train),
+                ("val", val),
+                ("test", test),
+                ("predict", predict),
+            )
+        }
+        self.caption_prompt = caption_prompt
+        self.one_sample_per_caption = one_sample_per_caption
+        self.system_prompt = system_prompt
+        self.chat_template_kwargs = chat_template_kwargs
+        self.tokenizer_name = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.image_data_config = image_data_config
+        self.crop_pct = crop_pct
+        self.augment = augment
+        self.max_length = max_length
+        self.packing = packing
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.on_bad_sample = on_bad_sample
+        self.val_limit = val_limit
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.datasets: dict[Stage, MLLMDataset] = {}
+        self.skipped_at_load: Counter[str] = Counter()
+
+    # -- preparation -----------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Write the synthetic set once (rank 0); real data is only read."""
+        if self.synthetic is None:
+            return
+        manifest = Path(self.synthetic.dir) / "synthetic_manifest.json"
+        if manifest.exists():
+            return
+        from lit_mllm.data.synthetic import generate_synthetic_dataset
+
+        s = self.synthetic
+        log.info("writing the synthetic data set to %s", s.dir)
+        generate_synthetic_dataset(
+            s.dir, s.num_train, s.num_val, s.num_test, seed=s.seed, image_size=s.image_size
+        )
+
+    def _model_setting(self, name: str) -> Any:
+        module = self.trainer.lightning_module if self._trainer is not None else None
+        value = getattr(module, name, None) if module is not None else None
+        if value is None:
+            raise ValueError(
+                f"MLLMDataModule needs `{name}`: pass it to the DataModule or attach it to a "
+                "Trainer together with an MLLMModule"
+            )
+        return value
+
+    def _conversation_tokenizer(self) -> ConversationTokenizer:
+        name = self.tokenizer_name or self._model_setting("tokenizer_name")
+        num_image_tokens = self.num_image_tokens or self._model_setting("num_image_tokens")
+        return ConversationTokenizer(
+            load_tokenizer(name),
+            num_image_tokens=num_image_tokens,
+            max_length=self.max_length,
+            system_prompt=self.system_prompt,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
+
+    def load_samples(self, stage: Stage) -> SampleStore | None:
+        source = self.sources[stage]
+        if source is None:
+            return None
+        options: dict[str, Any] = {"on_bad_sample": self.on_bad_sample, "cache_dir": self.cache_dir}
+        if source.kind != "llava":
+            options["prompt"] = self.caption_prompt
+            options["one_sample_per_caption"] = self.one_sample_per_caption and stage == "train"
+        if source.kind == "karpathy":
+            options["split"] = source.split or {"train": "train", "predict": "test"}.get(
+                stage, stage
+            )
+        samples = load_source(source.kind, source.file, source.image_root, **options)
+        self.skipped_at_load.update(samples.skipped)
+        return samples
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted: dict[str | None, tuple[Stage, ...]] = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+            None: ("train", "val", "test", "predict"),
+        }
+        tokenize = None
+        data_config = self.image_data_config or self._model_setting("image_data_config")
+        for split in wanted[stage]:
+            if split in self.datasets:
+                continue
+            samples = self.load_samples(split)
+            if samples is None:
+                continue
+            tokenize = tokenize or self._conversation_tokenizer()
+            transform = build_image_transform(
+                data_config, train=split == "train", augment=self.augment, crop_pct=self.crop_pct
+            )
+            self.datasets[split] = MLLMDataset(
+                samples,
+                tokenize,
+                transform,
+                with_prompts=split != "train",
+                on_bad_sample=self.on_bad_sample,
+            )
+        if tokenize is not None:
+            self.pad_token_id = tokenize.tokenizer.pad_token_id
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def _loader(self, split: Stage, *, shuffle: bool, batch_size: int) -> DataLoader:
+        if split not in self.datasets:
+            raise ValueError(
+                f"no {split} data configured: set `data.{split}` (or `data.synthetic`) in the config"
+            )
+        dataset: Any = self.datasets[split]
+        if split == "val" and self.val_limit is not None:
+            dataset = Subset(dataset, range(min(self.val_limit, len(dataset))))
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=MLLMCollator(self.pad_token_id, packing=self.packing and split == "train"),
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=partial(_seed_worker, self.seed) if self.num_workers > 0 else None,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, batch_size=self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False, batch_size=self.eval_batch_size)
+
+
+def _seed_worker(seed: int, worker_id: int) -> None:
+    import random
+
+    import numpy as np
+
+    worker_seed = (seed + worker_id + torch.initial_seed()) % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)

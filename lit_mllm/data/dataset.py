@@ -1,0 +1,75 @@
+"""One training/eval sample: decoded image tensors + token ids with labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from lit_mllm.data.conversation import ConversationError, ConversationTokenizer
+from lit_mllm.data.records import SampleStore
+from lit_mllm.data.transforms import BadImageError, load_rgb_image
+
+OnBadSample = Literal["error", "skip"]
+
+
+class MLLMDataset(Dataset):
+    """Lazily decodes images and tokenises conversations of a ``SampleStore``.
+
+    A sample that cannot be used comes back as ``{"skipped": reason}``; the collator counts
+    those per batch so that counts survive DataLoader worker processes. Samples with nothing
+    left to supervise are always dropped and counted; other faults raise unless
+    ``on_bad_sample="skip"``.
+    """
+
+    def __init__(
+        self,
+        samples: SampleStore,
+        tokenize: ConversationTokenizer,
+        transform: Callable[[Any], torch.Tensor],
+        *,
+        with_prompts: bool = False,
+        on_bad_sample: OnBadSample = "error",
+    ) -> None:
+        self.samples = samples
+        self.tokenize = tokenize
+        self.transform = transform
+        self.with_prompts = with_prompts
+        self.on_bad_sample = on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        try:
+            tokenized = self.tokenize(
+                sample.conversation, num_images=len(sample.image_paths), sample_id=sample.sample_id
+            )
+            images = [self.transform(load_rgb_image(p)) for p in sample.image_paths]
+        except ConversationError as error:
+            if error.reason == "no_supervised_tokens" or self.on_bad_sample == "skip":
+                return {"skipped": error.reason, "sample_id": sample.sample_id}
+            raise ConversationError(f"{self.samples.source}: {error}", error.reason) from error
+        except BadImageError as error:
+            if self.on_bad_sample == "skip":
+                return {"skipped": error.reason, "sample_id": sample.sample_id}
+            raise BadImageError(
+                error.path, error.reason, f"sample {sample.sample_id} of {self.samples.source}"
+            ) from error
+        images = images[: tokenized.num_images]  # truncation may have cut whole image blocks
+        item: dict[str, Any] = {
+            "input_ids": tokenized.input_ids,
+            "labels": tokenized.labels,
+            "pixel_values": torch.stack(images) if images else None,
+            "sample_id": sample.sample_id,
+            "image_id": sample.image_id,
+            "references": list(sample.references),
+        }
+        if self.with_prompts:
+            item["prompt_ids"] = self.tokenize.generation_prompt(
+                sample.conversation, num_images=len(images), sample_id=sample.sample_id
+            )
+        return item
