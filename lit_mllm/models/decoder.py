@@ -1,0 +1,74 @@
+"""Build the causal LM decoder from a local path / hub cache, or from a config (tiny default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+
+def build_decoder(
+    name_or_path: str | None,
+    *,
+    config: dict[str, Any] | None = None,
+    vocab_size: int,
+    attn_implementation: str | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    local_files_only: bool = True,
+) -> PreTrainedModel:
+    """``name_or_path`` wins; otherwise ``config`` (must hold ``model_type``) gives random init.
+
+    Offline by default: a name that is not a local folder is looked up in the HF cache only, and
+    a miss raises FileNotFoundError saying where it looked and how to get the weights.
+    """
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if name_or_path:
+        if not Path(name_or_path).exists() and (
+            name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+        ):
+            raise FileNotFoundError(
+                f"decoder weights not found at {name_or_path!r}: the folder does not exist. "
+                "Point `decoder` at a folder written by `save_pretrained` (config.json + "
+                "*.safetensors), or at a hub id present in your HF cache."
+            )
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=dtype, local_files_only=local_files_only, **kwargs
+            )
+        except OSError as error:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            raise FileNotFoundError(
+                f"decoder {name_or_path!r} not found: it is not a local folder and not in the HF "
+                f"cache ({HF_HUB_CACHE}). Get it on a machine with network with "
+                f"`hf download {name_or_path}` (or copy the folder and pass its path). "
+                f"Detail: {str(error).splitlines()[0]}"
+            ) from None
+    if not config or "model_type" not in config:
+        raise ValueError("decoder: give either a model name/path or a config with `model_type`")
+    settings = {k: v for k, v in config.items() if k != "model_type"}
+    settings.setdefault("vocab_size", vocab_size)
+    model_config = AutoConfig.for_model(config["model_type"], **settings)
+    if attn_implementation:
+        model_config._attn_implementation = attn_implementation
+    model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+    return model.to(dtype) if dtype is not None else model
+
+
+def resize_embeddings_for(decoder: PreTrainedModel, vocab_size: int) -> None:
+    """Grow the embeddings once for added tokens; new rows start at the mean embedding."""
+    old = decoder.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return
+    decoder.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for embedding in {decoder.get_input_embeddings(), decoder.get_output_embeddings()}:
+            if embedding is None:
+                continue
+            weight = embedding.weight
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)

@@ -1,0 +1,145 @@
+"""Encoder -> connector -> decoder: image features spliced into the token embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from lit_mllm.data.special_tokens import IGNORE_INDEX, ImageTokenIds
+from lit_mllm.models.vision import VisionEncoder
+
+
+class ImageTokenMismatchError(ValueError):
+    pass
+
+
+class MultimodalLM(nn.Module):
+    """The model proper; the LightningModule adds optimisation, logging and metrics."""
+
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        connector: nn.Module,
+        decoder: PreTrainedModel,
+        image_token_ids: ImageTokenIds,
+        num_image_tokens: int,
+        loss_chunk_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.connector = connector
+        self.decoder = decoder
+        self.image_token_ids = image_token_ids
+        self.num_image_tokens = num_image_tokens
+        self.loss_chunk_size = loss_chunk_size
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, tokens, D_lm) in the decoder's embedding dtype."""
+        features, grid = self.encoder(pixel_values)
+        dtype = self.decoder.get_input_embeddings().weight.dtype
+        if torch.is_autocast_enabled(features.device.type):
+            dtype = torch.get_autocast_dtype(features.device.type)
+        return self.connector(features.to(dtype), grid)
+
+    def embed(
+        self, input_ids: Tensor, pixel_values: Tensor | None, sample_ids: list | None = None
+    ) -> Tensor:
+        """Token embeddings with image features written at the ``<im_patch>`` positions."""
+        embeds = self.decoder.get_input_embeddings()(input_ids)
+        is_patch = input_ids == self.image_token_ids.patch
+        num_slots = int(is_patch.sum())
+        if pixel_values is None or len(pixel_values) == 0:
+            if num_slots:
+                raise ImageTokenMismatchError(
+                    f"{num_slots} <im_patch> tokens but no images in the batch"
+                    + (f" (samples {sample_ids})" if sample_ids else "")
+                )
+            return embeds
+        features = self.encode_images(pixel_values)
+        if num_slots != features.shape[0] * features.shape[1]:
+            per_row = is_patch.sum(dim=1).tolist()
+            raise ImageTokenMismatchError(
+                f"the batch has {num_slots} <im_patch> tokens (per row {per_row}) but "
+                f"{features.shape[0]} images x {features.shape[1]} tokens = "
+                f"{features.shape[0] * features.shape[1]} image features"
+                + (f"; samples {sample_ids}" if sample_ids else "")
+                + ". Check that the DataModule's num_image_tokens equals the model's."
+            )
+        return embeds.masked_scatter(is_patch.unsqueeze(-1), features.to(embeds.dtype))
+
+    def hidden_states(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+    ) -> Tensor:
+        base = self.decoder.get_decoder()
+        out = base(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        sample_ids: list | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Mean next-token loss over supervised positions, and their count.
+
+        Hidden states are gathered at supervised positions *before* the LM head, so full-vocab
+        logits are never built for prompts, images or padding.
+        """
+        embeds = self.embed(input_ids, pixel_values, sample_ids)
+        hidden = self.hidden_states(embeds, attention_mask, position_ids)
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        count = supervised.sum()
+        if int(count) == 0:  # keep the graph so every rank still runs backward
+            return hidden.sum() * 0.0, count
+        selected = hidden[:, :-1][supervised]
+        return self.supervised_loss(selected, targets[supervised]), count
+
+    def supervised_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy in chunks so the (tokens x vocab) logits never exist at once."""
+        head = self.decoder.get_output_embeddings()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], self.loss_chunk_size):
+            logits = head(hidden[start : start + self.loss_chunk_size]).float()
+            chunk_targets = targets[start : start + self.loss_chunk_size]
+            total = total + F.cross_entropy(logits, chunk_targets, reduction="sum")
+        return total / hidden.shape[0]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: Tensor | None,
+        prompt_ids: Tensor,
+        prompt_attention_mask: Tensor,
+        *,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        **generate_kwargs,
+    ) -> Tensor:
+        """Batched, KV-cached decoding from left-padded prompts; returns only the new tokens."""
+        embeds = self.embed(prompt_ids, pixel_values)
+        return self.decoder.generate(
+            inputs_embeds=embeds,
+            attention_mask=prompt_attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **generate_kwargs,
+        )

@@ -1,0 +1,466 @@
+"""MLLMModule: optimisation, precision, logging, validation captions and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lit_mllm.data.special_tokens import add_image_tokens
+from lit_mllm.data.tokenizer import load_tokenizer
+from lit_mllm.models.connector import build_connector, num_image_tokens
+from lit_mllm.models.decoder import build_decoder, resize_embeddings_for
+from lit_mllm.models.mllm import MultimodalLM
+from lit_mllm.models.vision import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+TINY_ENCODER_KWARGS = {
+    "img_size": 64,
+    "patch_size": 8,
+    "embed_dim": 192,
+    "depth": 4,
+    "num_heads": 3,
+}
+TINY_DECODER_CONFIG = {
+    "model_type": "qwen2",
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+}
+
+
+@dataclass
+class EncoderConfig:
+    """A timm model; ``model_kwargs`` builds a custom size, ``checkpoint_path`` loads local weights."""
+
+    name: str = "vit_base_patch16_224"
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    model_kwargs: dict[str, Any] | None = field(default_factory=lambda: dict(TINY_ENCODER_KWARGS))
+    feature_layer: int = -1
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class ConnectorConfig:
+    kind: Literal["resampler", "mlp"] = "resampler"
+    num_queries: int = 16
+
+
+@dataclass
+class DecoderConfig:
+    """``name_or_path`` (local folder or hub id in the cache) or ``config`` for random init."""
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = field(default_factory=lambda: dict(TINY_DECODER_CONFIG))
+    train: Literal["frozen", "lora", "full"] = "full"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    connector_lr: float | None = None
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    fused: bool | None = None  # None: fused AdamW on CUDA
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    num_beams: int = 1
+
+
+def _coerce(kind: type, value: Any) -> Any:
+    if value is None:
+        return kind()
+    return kind(**value) if isinstance(value, dict) else value
+
+
+class MLLMModule(L.LightningModule):
+    """Frozen timm encoder + trainable connector + causal LM decoder.
+
+    Checkpoints hold the trainable weights and the hyper-parameters. Frozen weights are saved
+    only when they cannot be rebuilt from their source (``save_frozen: auto`` saves a
+    random-init encoder, as in the tiny default, but never a pretrained 7B decoder).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "tiny",
+        encoder: EncoderConfig | None = None,
+        connector: ConnectorConfig | None = None,
+        decoder: DecoderConfig | None = None,
+        optim: OptimConfig | None = None,
+        generation: GenerationConfig | None = None,
+        metrics: list[str] | None = None,
+        val_caption_limit: int | None = None,
+        save_frozen: Literal["auto", "always", "never"] = "auto",
+        predictions_path: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder_cfg: EncoderConfig = _coerce(EncoderConfig, encoder)
+        self.connector_cfg: ConnectorConfig = _coerce(ConnectorConfig, connector)
+        self.decoder_cfg: DecoderConfig = _coerce(DecoderConfig, decoder)
+        self.optim_cfg: OptimConfig = _coerce(OptimConfig, optim)
+        self.generation_cfg: GenerationConfig = _coerce(GenerationConfig, generation)
+        self.save_hyperparameters(
+            {
+                "tokenizer": tokenizer,
+                "encoder": asdict(self.encoder_cfg),
+                "connector": asdict(self.connector_cfg),
+                "decoder": asdict(self.decoder_cfg),
+                "optim": asdict(self.optim_cfg),
+                "generation": asdict(self.generation_cfg),
+                "metrics": metrics,
+                "val_caption_limit": val_caption_limit,
+                "save_frozen": save_frozen,
+                "predictions_path": predictions_path,
+                "chat_template_kwargs": chat_template_kwargs,
+            }
+        )
+        self.tokenizer_name = tokenizer
+        self.tokenizer = load_tokenizer(tokenizer)
+        image_token_ids = add_image_tokens(self.tokenizer)
+        self.val_caption_limit = val_caption_limit
+        self.save_frozen = save_frozen
+        self.predictions_path = predictions_path
+        self.metric_names = metrics
+        self.chat_template_kwargs = chat_template_kwargs
+
+        enc = self.encoder_cfg
+        vision = VisionEncoder(
+            enc.name,
+            pretrained=enc.pretrained,
+            checkpoint_path=enc.checkpoint_path,
+            model_kwargs=enc.model_kwargs,
+            feature_layer=enc.feature_layer,
+            dtype=enc.dtype,
+        )
+        dec = self.decoder_cfg
+        decoder_model = build_decoder(
+            dec.name_or_path,
+            config=dec.config,
+            vocab_size=len(self.tokenizer),
+            attn_implementation=dec.attn_implementation,
+            trust_remote_code=dec.trust_remote_code,
+        )
+        resize_embeddings_for(decoder_model, len(self.tokenizer))
+        grid = vision.default_grid
+        conn = self.connector_cfg
+        connector_module = build_connector(
+            conn.kind,
+            kv_dim=vision.embed_dim,
+            embed_dim=decoder_model.config.get_text_config().hidden_size,
+            kv_grid=grid,
+            num_queries=conn.num_queries,
+        )
+        self.num_image_tokens = num_image_tokens(conn.kind, grid, conn.num_queries)
+        self.image_data_config = vision.data_config
+        self.model = MultimodalLM(
+            vision, connector_module, decoder_model, image_token_ids, self.num_image_tokens
+        )
+        self._apply_decoder_training_mode()
+        self.caption_metrics = None  # built lazily: Java is only needed when validating
+        self.skipped: Counter[str] = Counter()
+        self._predictions: list[dict[str, Any]] = []
+        self.strict_loading = False  # frozen pretrained weights are not in checkpoints
+
+    # -- parts and freezing ----------------------------------------------------------------------
+    def _apply_decoder_training_mode(self) -> None:
+        dec = self.decoder_cfg
+        decoder = self.model.decoder
+        if dec.train == "frozen":
+            decoder.requires_grad_(False)
+        elif dec.train == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=dec.lora_r,
+                lora_alpha=dec.lora_alpha,
+                lora_dropout=dec.lora_dropout,
+                target_modules=list(dec.lora_target_modules),
+                task_type="CAUSAL_LM",
+            )
+            self.model.decoder = get_peft_model(decoder, lora)
+        if dec.gradient_checkpointing:
+            self.model.decoder.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            if dec.train != "full":
+                self.model.decoder.enable_input_require_grads()
+
+    def _frozen_parts_to_save(self) -> set[str]:
+        if self.save_frozen == "always":
+            return {"model.encoder.", "model.decoder."}
+        if self.save_frozen == "never":
+            return set()
+        parts = set()
+        if not (self.encoder_cfg.pretrained or self.encoder_cfg.checkpoint_path):
+            parts.add("model.encoder.")
+        if not self.decoder_cfg.name_or_path:
+            parts.add("model.decoder.")
+        return parts
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        keep = tuple(self._frozen_parts_to_save())
+        state = checkpoint["state_dict"]
+        for key in list(state):
+            if key not in trainable and not (keep and key.startswith(keep)):
+                if key.startswith(("model.encoder.", "model.decoder.")):
+                    del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = set(self.state_dict()) - set(checkpoint["state_dict"])
+        trainable_missing = sorted(
+            name for name, p in self.named_parameters() if p.requires_grad and name in missing
+        )
+        if trainable_missing:
+            raise ValueError(
+                f"checkpoint lacks {len(trainable_missing)} trainable weights, e.g. "
+                f"{trainable_missing[:3]}: it was written for a different model configuration"
+            )
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = self.optim_cfg
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            no_decay = param.ndim < 2 or "query" in name or "embed" in name or "lm_head" in name
+            is_connector = name.startswith("model.connector.")
+            groups.setdefault((no_decay, is_connector), []).append(param)
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": 0.0 if no_decay else opt.weight_decay,
+                "lr": (opt.connector_lr or opt.lr) if is_connector else opt.lr,
+            }
+            for (no_decay, is_connector), params in groups.items()
+        ]
+        fused = opt.fused if opt.fused is not None else torch.cuda.is_available()
+        optimizer = torch.optim.AdamW(param_groups, lr=opt.lr, betas=opt.betas, fused=fused)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(opt.warmup_steps, max(total - 1, 0))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # -- steps -----------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        return self.model(
+            batch["input_ids"],
+            batch["labels"],
+            pixel_values=batch.get("pixel_values"),
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            sample_ids=batch.get("sample_id"),
+        )
+
+    def _count_skipped(self, batch: dict[str, Any]) -> None:
+        self.skipped.update(batch.get("skipped", {}))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        self._count_skipped(batch)
+        if batch.get("batch_size", 1) == 0:
+            return None
+        loss, count = self(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/supervised_tokens", count.float(), reduce_fx="sum", batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, prefix: str) -> None:
+        self._count_skipped(batch)
+        if batch.get("batch_size", 1) == 0:
+            return
+        loss, count = self(batch)
+        if int(count) > 0:
+            self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=int(count), sync_dist=True)
+        seen = batch_idx * len(batch["sample_id"])
+        limit = self.val_caption_limit if prefix == "val" else None
+        if "prompt_ids" in batch and (limit is None or seen < limit):
+            keep = (
+                len(batch["sample_id"])
+                if limit is None
+                else min(len(batch["sample_id"]), limit - seen)
+            )
+            captions = self.caption(batch, limit=keep)
+            ids, refs = batch["image_id"][:keep], batch["references"][:keep]
+            with_refs = [i for i, r in enumerate(refs) if r]
+            if with_refs:
+                self._metrics().update(
+                    [ids[i] for i in with_refs],
+                    [captions[i] for i in with_refs],
+                    [refs[i] for i in with_refs],
+                )
+            self._last_captions = list(zip(ids, captions, refs, strict=True))
+
+    def caption(self, batch: dict[str, Any], limit: int | None = None) -> list[str]:
+        """Greedy/beam captions for the batch's generation prompts."""
+        rows = slice(0, limit)
+        images_per_row = self.num_image_tokens
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is not None and limit is not None:
+            # prompts hold one image block per image, in row order
+            prompt_patch = batch["prompt_ids"][rows] == self.model.image_token_ids.patch
+            pixel_values = pixel_values[: int(prompt_patch.sum()) // images_per_row]
+        generated = self.model.generate(
+            pixel_values,
+            batch["prompt_ids"][rows],
+            batch["prompt_attention_mask"][rows],
+            max_new_tokens=self.generation_cfg.max_new_tokens,
+            num_beams=self.generation_cfg.num_beams,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def _metrics(self):
+        if self.caption_metrics is None:
+            from lit_mllm.metrics.caption import CaptionMetrics
+
+            kwargs = {"metrics": self.metric_names} if self.metric_names else {}
+            self.caption_metrics = CaptionMetrics(**kwargs).to(self.device)
+        return self.caption_metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self._metrics()  # every rank builds it: compute() is a collective under DDP
+
+    def on_test_epoch_start(self) -> None:
+        self._metrics()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_caption_metrics("val")
+        self._report_skipped("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_caption_metrics("test")
+        self._report_skipped("test")
+
+    def on_train_epoch_end(self) -> None:
+        self._report_skipped("train")
+
+    def _log_caption_metrics(self, prefix: str) -> None:
+        metric = self.caption_metrics
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if metric is None or (not distributed and not metric._samples):
+            return
+        scores = self.caption_metrics.compute()
+        self.caption_metrics.reset()
+        self.last_caption_scores = {f"{prefix}/{k}": float(v) for k, v in scores.items()}
+        for name, value in self.last_caption_scores.items():
+            self.log(name, value, sync_dist=False, rank_zero_only=False)
+
+    def _report_skipped(self, stage: str) -> None:
+        """Dropped samples are counted, logged and written next to the logs: none vanish."""
+        skipped = dict(self.skipped)
+        dm = getattr(self.trainer, "datamodule", None)
+        at_load = dict(getattr(dm, "skipped_at_load", {}) or {})
+        if not skipped and not at_load:
+            return
+        gathered = self.all_gather_counts(skipped)
+        summary = {"stage": stage, "epoch": self.current_epoch, "skipped_samples": gathered}
+        summary["skipped_at_load"] = at_load
+        for reason, count in gathered.items():
+            self.log(f"data/skipped_{reason}", float(count), rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            log.warning(
+                "skipped samples (%s, epoch %d): %s; at load: %s",
+                stage,
+                self.current_epoch,
+                gathered,
+                at_load,
+            )
+            run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / f"skipped_{stage}.json").write_text(json.dumps(summary, indent=2))
+        self.skipped.clear()
+
+    def all_gather_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return counts
+        gathered: list[dict[str, int]] = [{} for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(gathered, counts)
+        total: Counter[str] = Counter()
+        for part in gathered:
+            total.update(part)
+        return dict(total)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        self._count_skipped(batch)
+        if batch.get("batch_size", 1) == 0:
+            return []
+        captions = self.caption(batch)
+        results = [
+            {"image_id": image_id, "caption": caption}
+            for image_id, caption in zip(batch["image_id"], captions, strict=True)
+        ]
+        self._predictions.extend(results)
+        return results
+
+    def on_predict_epoch_end(self) -> None:
+        results = self._predictions
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[list] = [[] for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(parts, results)
+            unique = {r["image_id"]: r for part in parts for r in part}  # padded-sampler repeats
+            results = list(unique.values())
+        if self.predictions_path and self.trainer.is_global_zero:
+            path = Path(self.predictions_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, ensure_ascii=False, indent=1))
+            log.info("wrote %d captions to %s", len(results), path)
+        self._predictions = []
+
+    # -- modes -----------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> MLLMModule:
+        super().train(mode)
+        self.model.encoder.train(False)  # frozen: never dropout / batch-norm updates
+        return self

@@ -1,0 +1,210 @@
+"""The multimodal model and the LightningModule on a micro configuration (CPU, seconds)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_mllm.data.collate import MLLMCollator
+from lit_mllm.data.conversation import ConversationTokenizer
+from lit_mllm.data.special_tokens import IGNORE_INDEX
+from lit_mllm.models.mllm import ImageTokenMismatchError
+from lit_mllm.module import MLLMModule
+
+MICRO_ENCODER = {
+    "name": "vit_base_patch16_224",
+    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
+}
+MICRO_DECODER = {
+    "config": {
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+    }
+}
+
+
+def micro_module(**overrides) -> MLLMModule:
+    torch.manual_seed(0)
+    kwargs = {
+        "tokenizer": "tiny",
+        "encoder": MICRO_ENCODER,
+        "connector": {"kind": "resampler", "num_queries": 4},
+        "decoder": MICRO_DECODER,
+    }
+    kwargs.update(overrides)
+    return MLLMModule(**kwargs)
+
+
+CONVERSATIONS = [
+    [
+        {"from": "human", "value": "<image>\nDescribe the image briefly."},
+        {"from": "gpt", "value": "a red circle on the left"},
+    ],
+    [
+        {"from": "human", "value": "<image>\nHow many shapes?"},
+        {"from": "gpt", "value": "two"},
+        {"from": "human", "value": "Which colour is the star?"},
+        {"from": "gpt", "value": "the star is blue"},
+    ],
+    [
+        {"from": "human", "value": "<image>\nWhat is shown?"},
+        {"from": "gpt", "value": "a small green square at the top"},
+    ],
+]
+
+
+def make_batch(module: MLLMModule, packing: bool = False, with_prompts: bool = False) -> dict:
+    conv = ConversationTokenizer(module.tokenizer, num_image_tokens=module.num_image_tokens)
+    items = []
+    torch.manual_seed(1)
+    for i, turns in enumerate(CONVERSATIONS):
+        tokenized = conv(turns, sample_id=str(i))
+        item = {
+            "input_ids": tokenized.input_ids,
+            "labels": tokenized.labels,
+            "pixel_values": torch.randn(1, 3, 32, 32),
+            "sample_id": str(i),
+            "image_id": i,
+            "references": [turns[1]["value"]],
+        }
+        if with_prompts:
+            item["prompt_ids"] = conv.generation_prompt(turns[:1])
+        items.append(item)
+    return MLLMCollator(module.tokenizer.pad_token_id, packing=packing)(items)
+
+
+def test_features_are_spliced_exactly_at_image_positions() -> None:
+    module = micro_module().eval()
+    batch = make_batch(module)
+    seen = {}
+
+    def hook(_module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = module.model.decoder.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    module(batch)
+    handle.remove()
+    features = module.model.encode_images(batch["pixel_values"])
+    token_embeds = module.model.decoder.get_input_embeddings()(batch["input_ids"])
+    is_patch = batch["input_ids"] == module.model.image_token_ids.patch
+    assert int(is_patch.sum()) == features.numel() // features.shape[-1]
+    torch.testing.assert_close(seen["embeds"][is_patch], features.reshape(-1, features.shape[-1]))
+    torch.testing.assert_close(seen["embeds"][~is_patch], token_embeds[~is_patch])
+
+
+def test_loss_equals_manual_cross_entropy() -> None:
+    module = micro_module().eval()
+    batch = make_batch(module)
+    loss, count = module(batch)
+    embeds = module.model.embed(batch["input_ids"], batch["pixel_values"])
+    logits = module.model.decoder(
+        inputs_embeds=embeds, attention_mask=batch["attention_mask"]
+    ).logits
+    manual = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+    torch.testing.assert_close(loss, manual, rtol=1e-5, atol=1e-5)
+    assert int(count) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_packed_batch_gives_the_same_loss_as_padded() -> None:
+    module = micro_module().eval()
+    padded, _ = module(make_batch(module, packing=False))
+    packed, _ = module(make_batch(module, packing=True))
+    torch.testing.assert_close(padded, packed, rtol=1e-5, atol=1e-5)
+
+
+def test_image_token_count_mismatch_names_samples() -> None:
+    module = micro_module()
+    batch = make_batch(module)
+    batch["pixel_values"] = batch["pixel_values"][:2]
+    with pytest.raises(ImageTokenMismatchError, match="samples"):
+        module(batch)
+
+
+def test_zero_supervised_tokens_give_zero_loss_not_nan() -> None:
+    module = micro_module()
+    batch = make_batch(module)
+    batch["labels"][:] = IGNORE_INDEX
+    loss, count = module(batch)
+    assert int(count) == 0 and float(loss) == 0.0
+    loss.backward()  # graph still valid
+
+
+def test_only_trainable_parameters_change_and_encoder_stays_frozen() -> None:
+    module = micro_module(decoder={**MICRO_DECODER, "train": "frozen"})
+    module.train()
+    assert not module.model.encoder.training
+    before = copy.deepcopy(module.state_dict())
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    loss, _ = module(make_batch(module))
+    loss.backward()
+    optimizer.step()
+    after = module.state_dict()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.connector.") for n in trainable)
+    for name, value in after.items():
+        if name in trainable:
+            continue
+        assert torch.equal(before[name], value), name
+    assert any(not torch.equal(before[n], after[n]) for n in trainable)
+
+
+def test_generation_with_cache_equals_argmax_loop_without_cache() -> None:
+    module = micro_module().eval()
+    batch = make_batch(module, with_prompts=True)
+    generated = module.model.generate(
+        batch["pixel_values"],
+        batch["prompt_ids"],
+        batch["prompt_attention_mask"],
+        max_new_tokens=6,
+        eos_token_id=None,
+        pad_token_id=module.tokenizer.pad_token_id,
+        min_new_tokens=6,
+    )
+    embeds = module.model.embed(batch["prompt_ids"], batch["pixel_values"])
+    mask = batch["prompt_attention_mask"]
+    tokens = []
+    for _ in range(6):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = module.model.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).logits[:, -1]
+        next_token = logits.argmax(-1)
+        tokens.append(next_token)
+        next_embed = module.model.decoder.get_input_embeddings()(next_token)[:, None]
+        embeds = torch.cat([embeds, next_embed], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    assert torch.equal(generated, torch.stack(tokens, dim=1))
+
+
+def test_checkpoint_holds_no_frozen_pretrained_weights_and_round_trips(tmp_path) -> None:
+    import lightning as L
+
+    module = micro_module()
+    # pretend the encoder came from a weight file: then it must not be saved
+    module.encoder_cfg.checkpoint_path = "weights.safetensors"
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0, accelerator="cpu")
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    state = torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith("model.encoder.") for k in state)
+    assert any(k.startswith("model.connector.") for k in state)
+    assert any(k.startswith("model.decoder.") for k in state)
+
+    module.encoder_cfg.checkpoint_path = None  # tiny default: random encoder must be saved
+    trainer.save_checkpoint(tmp_path / "b.ckpt")
+    restored = MLLMModule.load_from_checkpoint(tmp_path / "b.ckpt", weights_only=True)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[name]), name
