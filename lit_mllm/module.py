@@ -189,6 +189,8 @@ class MLLMModule(L.LightningModule):
         self.caption_metrics = None  # built lazily: Java is only needed when validating
         self.skipped: Counter[str] = Counter()
         self._predictions: list[dict[str, Any]] = []
+        self.last_val_examples: dict[str, Any] | None = None
+        self.last_caption_scores: dict[str, float] = {}
         self.strict_loading = False  # frozen pretrained weights are not in checkpoints
 
     # -- parts and freezing ----------------------------------------------------------------------
@@ -232,9 +234,9 @@ class MLLMModule(L.LightningModule):
         keep = tuple(self._frozen_parts_to_save())
         state = checkpoint["state_dict"]
         for key in list(state):
-            if key not in trainable and not (keep and key.startswith(keep)):
-                if key.startswith(("model.encoder.", "model.decoder.")):
-                    del state[key]
+            frozen = key not in trainable and key.startswith(("model.encoder.", "model.decoder."))
+            if frozen and not (keep and key.startswith(keep)):
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = set(self.state_dict()) - set(checkpoint["state_dict"])
@@ -339,7 +341,18 @@ class MLLMModule(L.LightningModule):
                     [captions[i] for i in with_refs],
                     [refs[i] for i in with_refs],
                 )
-            self._last_captions = list(zip(ids, captions, refs, strict=True))
+            if batch_idx == 0:  # for the caption gallery: first images of the epoch
+                images = (
+                    batch["pixel_values"][: len(captions)]
+                    if batch.get("pixel_values") is not None
+                    else None
+                )
+                self.last_val_examples = {
+                    "pixel_values": None if images is None else images.detach().float().cpu(),
+                    "predictions": captions,
+                    "references": [list(r) for r in refs],
+                    "image_ids": list(ids),
+                }
 
     def caption(self, batch: dict[str, Any], limit: int | None = None) -> list[str]:
         """Greedy/beam captions for the batch's generation prompts."""

@@ -36,7 +36,7 @@ FRAGMENTS = [
     "Text that looks like a template: <|im_start|>assistant\nhi<|im_end|>",
     "[INST] not really [/INST] and </s> inside",
     "\n<|user|>\nfake turn\n<|assistant|>\n",
-    "Numbers 12345 and symbols #$%^&*()_+{}|:\"<>?",
+    'Numbers 12345 and symbols #$%^&*()_+{}|:"<>?',
     "Line one\n\nLine three\twith tab",
     "trailing spaces   ",
     "x",
@@ -76,7 +76,9 @@ def random_conversations(n: int, seed: int = 0) -> list[tuple[list[dict], str | 
             question = rng.choice(QUESTIONS).replace("<image>", "image")
             if r == 0:
                 question = "<image>\n" + question
-            answer = rng.choice(FRAGMENTS) + ("" if rng.random() < 0.5 else " " + rng.choice(FRAGMENTS))
+            answer = rng.choice(FRAGMENTS) + (
+                "" if rng.random() < 0.5 else " " + rng.choice(FRAGMENTS)
+            )
             if style == "from":
                 turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
             else:
@@ -84,7 +86,9 @@ def random_conversations(n: int, seed: int = 0) -> list[tuple[list[dict], str | 
                     {"role": "user", "content": question},
                     {"role": "assistant", "content": answer},
                 ]
-        system = rng.choice([None, "", "You are a helpful assistant.", "Système: réponds brièvement."])
+        system = rng.choice(
+            [None, "", "You are a helpful assistant.", "Système: réponds brièvement."]
+        )
         if system is not None and i % 3 == 0:
             turns.insert(0, {"role": "system", "content": system})
             system = None
@@ -93,7 +97,11 @@ def random_conversations(n: int, seed: int = 0) -> list[tuple[list[dict], str | 
 
 
 def expected_reply_texts(turns: list[dict]) -> list[str]:
-    return [t.get("value", t.get("content")) for t in turns if t.get("from", t.get("role")) in ("gpt", "assistant")]
+    return [
+        t.get("value", t.get("content"))
+        for t in turns
+        if t.get("from", t.get("role")) in ("gpt", "assistant")
+    ]
 
 
 @pytest.mark.parametrize("name", TEMPLATE_TOKENIZERS)
@@ -210,17 +218,27 @@ def test_bad_conversations_name_sample_and_turn(turns, match) -> None:
 def test_system_prompt_default_and_own() -> None:
     tok = load("qwen3")
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
-    text = tok.decode(tokenize_conversation(turns, tok, num_image_tokens=1, num_images=0, system_prompt="SYS").input_ids)
+    text = tok.decode(
+        tokenize_conversation(
+            turns, tok, num_image_tokens=1, num_images=0, system_prompt="SYS"
+        ).input_ids
+    )
     assert text.startswith("<|im_start|>system\nSYS<|im_end|>")
     own = [{"from": "system", "value": "MINE"}, *turns]
-    text = tok.decode(tokenize_conversation(own, tok, num_image_tokens=1, num_images=0, system_prompt="SYS").input_ids)
+    text = tok.decode(
+        tokenize_conversation(
+            own, tok, num_image_tokens=1, num_images=0, system_prompt="SYS"
+        ).input_ids
+    )
     assert "MINE" in text and "SYS" not in text
 
 
 def test_mistral_system_prompt_is_merged_into_first_user_turn() -> None:
     tok = load("mistral-7b-instruct-v0.1")
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
-    out = tokenize_conversation(turns, tok, num_image_tokens=1, num_images=0, system_prompt="Be kind.")
+    out = tokenize_conversation(
+        turns, tok, num_image_tokens=1, num_images=0, system_prompt="Be kind."
+    )
     assert "[INST] Be kind.\n\nhi [/INST]" in tok.decode(out.input_ids)
     assert tok.decode(out.input_ids[out.labels != IGNORE_INDEX]) == "yo</s>"
 
@@ -237,20 +255,29 @@ def test_truncation_never_splits_image_block() -> None:
     start_id = tok.convert_tokens_to_ids(IM_START)
     second_block = torch.nonzero(full.input_ids == start_id).flatten()[1].item()
     for max_length in range(second_block + 1, second_block + 12):
-        out = tokenize_conversation(turns, tok, num_image_tokens=10, num_images=2, max_length=max_length)
+        out = tokenize_conversation(
+            turns, tok, num_image_tokens=10, num_images=2, max_length=max_length
+        )
         assert len(out.input_ids) <= max_length
         assert len(out.input_ids) == second_block  # cut before the block, never inside
         assert out.num_images == 1
         assert out.truncated
-    out = tokenize_conversation(turns, tok, num_image_tokens=10, num_images=2, max_length=second_block + 12)
+    out = tokenize_conversation(
+        turns, tok, num_image_tokens=10, num_images=2, max_length=second_block + 12
+    )
     assert out.num_images == 2
 
 
 def test_sample_with_nothing_supervised_after_truncation_is_rejected() -> None:
     tok = load("gpt2")
-    turns = [{"from": "human", "value": "<image> " + "long question " * 5}, {"from": "gpt", "value": "a"}]
+    turns = [
+        {"from": "human", "value": "<image> " + "long question " * 5},
+        {"from": "gpt", "value": "a"},
+    ]
     with pytest.raises(NoSupervisedTokensError, match="sample z"):
-        tokenize_conversation(turns, tok, num_image_tokens=4, num_images=1, max_length=12, sample_id="z")
+        tokenize_conversation(
+            turns, tok, num_image_tokens=4, num_images=1, max_length=12, sample_id="z"
+        )
 
 
 def test_generation_prompt_matches_training_prefix() -> None:

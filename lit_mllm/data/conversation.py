@@ -43,7 +43,14 @@ _PLACEHOLDER = "\ue000{}\ue001"
 
 
 class ConversationError(ValueError):
-    """A conversation that cannot be trained on; the message names the sample and the turn."""
+    """A conversation that cannot be trained on; the message names the sample and the turn.
+
+    ``reason`` is a short key (``unknown_role``, ``non_alternating`` ...) used in skip counts.
+    """
+
+    def __init__(self, message: str, reason: str = "bad_conversation") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class NoSupervisedTokensError(ConversationError):
@@ -71,26 +78,34 @@ def normalize_conversation(
 ) -> list[dict[str, str]]:
     """Accept ``{"from","value"}`` or ``{"role","content"}`` turns; check roles and alternation."""
     if not isinstance(conversation, Sequence) or isinstance(conversation, str):
-        raise ConversationError(f"sample {sample_id}: conversation must be a list of turns")
+        raise ConversationError(
+            f"sample {sample_id}: conversation must be a list of turns", "bad_type"
+        )
     messages: list[dict[str, str]] = []
     for index, turn in enumerate(conversation):
         if not isinstance(turn, Mapping):
-            raise ConversationError(f"sample {sample_id}, turn {index}: a turn must be an object")
+            raise ConversationError(
+                f"sample {sample_id}, turn {index}: a turn must be an object", "bad_type"
+            )
         raw_role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
         if role is None:
             raise ConversationError(
                 f"sample {sample_id}, turn {index}: unknown role {raw_role!r} "
-                f"(expected one of {sorted(ROLE_ALIASES)})"
+                f"(expected one of {sorted(ROLE_ALIASES)})",
+                "unknown_role",
             )
         if not isinstance(content, str):
             raise ConversationError(
                 f"sample {sample_id}, turn {index}: content must be a string, "
-                f"got {type(content).__name__}"
+                f"got {type(content).__name__}",
+                "bad_type",
             )
         if role == "assistant" and not content.strip():
-            raise ConversationError(f"sample {sample_id}, turn {index}: empty assistant reply")
+            raise ConversationError(
+                f"sample {sample_id}, turn {index}: empty assistant reply", "empty_reply"
+            )
         messages.append({"role": role, "content": content})
 
     body_start = 1 if messages and messages[0]["role"] == "system" else 0
@@ -100,10 +115,13 @@ def normalize_conversation(
             raise ConversationError(
                 f"sample {sample_id}, turn {index}: expected role {expected!r}, got "
                 f"{messages[index]['role']!r} (turns must alternate user/assistant after an "
-                "optional system turn)"
+                "optional system turn)",
+                "non_alternating",
             )
     if len(messages) == body_start:
-        raise ConversationError(f"sample {sample_id}: conversation has no user turn")
+        raise ConversationError(
+            f"sample {sample_id}: conversation has no user turn", "non_alternating"
+        )
     if body_start == 0 and system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
@@ -121,18 +139,18 @@ def expand_image_placeholders(
     for index, message in enumerate(messages):
         if message["role"] != "user" and IMAGE_PLACEHOLDER in message["content"]:
             raise ConversationError(
-                f"sample {sample_id}, turn {index}: {IMAGE_PLACEHOLDER} is only allowed in user turns"
+                f"sample {sample_id}, turn {index}: {IMAGE_PLACEHOLDER} is only allowed in user turns",
+                "image_count_mismatch",
             )
     if count == 0 and num_images > 0:
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         messages = [dict(m) for m in messages]
-        messages[first_user]["content"] = (
-            IMAGE_PLACEHOLDER + "\n" + messages[first_user]["content"]
-        )
+        messages[first_user]["content"] = IMAGE_PLACEHOLDER + "\n" + messages[first_user]["content"]
         count = num_images
     if count != num_images:
         raise ConversationError(
-            f"sample {sample_id}: {count} {IMAGE_PLACEHOLDER} marker(s) but {num_images} image(s)"
+            f"sample {sample_id}: {count} {IMAGE_PLACEHOLDER} marker(s) but {num_images} image(s)",
+            "image_count_mismatch",
         )
     block = image_block(num_image_tokens)
     return [
@@ -215,7 +233,8 @@ class ConversationTokenizer:
                 if message["role"] == "assistant" and content.strip():
                     raise ConversationError(
                         f"turn {index}: the chat template changed the assistant reply so that it "
-                        "cannot be located in the rendered text"
+                        "cannot be located in the rendered text",
+                        "template_error",
                     )
                 spans.append((cursor, cursor))
                 continue
@@ -245,7 +264,7 @@ class ConversationTokenizer:
         except Exception as error:  # jinja raise_exception, e.g. no system role (Mistral)
             if messages[0]["role"] != "system":
                 raise ConversationError(
-                    f"sample {sample_id}: chat template failed: {error}"
+                    f"sample {sample_id}: chat template failed: {error}", "template_error"
                 ) from error
             messages = _merge_system_into_first_user(messages)
             text = self.render(messages)
@@ -267,7 +286,9 @@ class ConversationTokenizer:
             # whitespace merged into the header's newline) must be emitted, so it is supervised
             inside = (ends > char_start) & (starts < char_end) & (ends > starts)
             token_ids = torch.nonzero(inside).flatten()
-            first = int(token_ids[0]) if len(token_ids) else int(torch.searchsorted(starts, char_end))
+            first = (
+                int(token_ids[0]) if len(token_ids) else int(torch.searchsorted(starts, char_end))
+            )
             last = int(token_ids[-1]) + 1 if len(token_ids) else first
             # the end-of-turn marker: first special token between the reply and the next turn
             cursor = last
@@ -291,7 +312,8 @@ class ConversationTokenizer:
         if result.num_supervised == 0:
             raise NoSupervisedTokensError(
                 f"sample {sample_id}: no supervised token"
-                + (f" left after truncation to {self.max_length} tokens" if truncated else "")
+                + (f" left after truncation to {self.max_length} tokens" if truncated else ""),
+                "no_supervised_tokens",
             )
         return result
 
