@@ -1,0 +1,349 @@
+"""Frozen timm vision encoder that returns patch tokens and their grid.
+
+The encoder is never trained: it is built once, its weights are loaded from a local file
+(offline first, so a missing checkpoint fails fast with instructions instead of hanging on
+the network), it is cast to the configured dtype and it stays in eval mode even when the
+parent LightningModule switches to train mode.
+
+``feature_layer`` convention:
+
+* ``-1`` (default): output of the last block *after* the final norm (``forward_features``),
+  the usual choice for CLIP/EVA encoders (OmniLMM/MiniCPM-V).
+* any other value ``i``: output of block ``i`` *without* norm, via timm
+  ``forward_intermediates``; negative values count from the end like Python indices, so
+  ``-2`` is the penultimate block (LLaVA's ``hidden_states[-2]``) and ``depth - 1`` is the
+  last block without the final norm.
+
+Prefix tokens (CLS, registers) are always dropped: callers get ``(B, P, D)`` patch tokens and
+the ``(gh, gw)`` grid they form, which changes with the input size when the model supports
+dynamic image sizes (timm ``dynamic_img_size=True, dynamic_img_pad=True``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from torch import Tensor, nn
+
+__all__ = ["VisionEncoder", "resolve_hub_checkpoint"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Weight files looked for inside a directory, in order of preference.
+_DIR_CANDIDATES = (
+    "model.safetensors",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def _hf_cache_dir() -> str:
+    """Read the hub cache location at call time (huggingface_hub reads env vars at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _hub_filenames(hf_hub_filename: str | None) -> list[str]:
+    """Files timm would fetch for a hub id: the safetensors alternative first, like timm."""
+    if not hf_hub_filename:
+        return ["model.safetensors", "pytorch_model.bin"]
+    names = [hf_hub_filename]
+    if hf_hub_filename == "open_clip_pytorch_model.bin":
+        names.insert(0, "open_clip_model.safetensors")
+    elif hf_hub_filename.endswith(".bin"):
+        names.insert(0, hf_hub_filename[:-4] + ".safetensors")
+    return names
+
+
+def resolve_hub_checkpoint(model_name: str, allow_download: bool = False) -> Path:
+    """Find the pretrained weight file of a timm model in the local HF hub cache.
+
+    Raises FileNotFoundError (naming the hub id, the cache path and how to get the file) when
+    it is not cached and ``allow_download`` is False, or when the download fails.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise ValueError(
+            f"timm model {model_name!r} has no Hugging Face hub weights registered; pass "
+            "`checkpoint_path: /path/to/model.safetensors` (or pretrained: false)."
+        )
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    filenames = _hub_filenames(cfg.hf_hub_filename)
+    cache_dir = _hf_cache_dir()
+    for name in filenames:
+        hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision or None)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return Path(hit)
+
+    how = (
+        f"Provide it with `hf download {repo_id}` on a machine with network access (copy the "
+        f"cache to {cache_dir} or set HF_HUB_CACHE), or set "
+        "`checkpoint_path: /path/to/model.safetensors`"
+    )
+    if not allow_download:
+        raise FileNotFoundError(
+            f"Pretrained weights for timm model {model_name!r} are not in the local Hugging Face "
+            f"cache: looked for {filenames} of hub repo {repo_id!r} under {cache_dir}. {how} "
+            "(or set allow_download: true)."
+        )
+    from huggingface_hub import constants, hf_hub_download
+
+    env_offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    if env_offline or constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(
+            f"Pretrained weights for timm model {model_name!r} ({filenames} of hub repo "
+            f"{repo_id!r}) are not cached under {cache_dir} and HF_HUB_OFFLINE is set, so "
+            f"allow_download cannot fetch them. {how}."
+        )
+    errors = []
+    for name in filenames:
+        try:
+            path = hf_hub_download(repo_id, name, revision=revision or None, cache_dir=cache_dir)
+            return Path(path)
+        except Exception as err:  # network, offline mode, missing file: report all tries
+            errors.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    raise FileNotFoundError(
+        f"Could not download weights for timm model {model_name!r} from hub repo {repo_id!r} "
+        f"into {cache_dir} ({'; '.join(errors)}). {how}."
+    )
+
+
+def _resolve_local_checkpoint(checkpoint_path: str | os.PathLike) -> Path:
+    """A weight file, or the one weight file inside a directory (HF snapshot dirs included)."""
+    path = Path(checkpoint_path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in _DIR_CANDIDATES:
+            if (path / name).is_file():
+                return path / name
+        found = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(
+                f"checkpoint_path {str(path)!r} holds several weight files "
+                f"({[p.name for p in found]}); point checkpoint_path at one of them."
+            )
+        raise FileNotFoundError(
+            f"checkpoint_path {str(path)!r} is a directory without a weight file "
+            f"(looked for {list(_DIR_CANDIDATES)} or one *{'/*'.join(_WEIGHT_SUFFIXES)} file)."
+        )
+    raise FileNotFoundError(
+        f"checkpoint_path {str(path)!r} does not exist; give a .safetensors/.bin/.pth state dict "
+        "file or a directory containing one."
+    )
+
+
+def _load_weights(model: nn.Module, file: Path, model_name: str) -> None:
+    """Load a state dict strictly, after timm's own key conversion for the architecture.
+
+    timm's ``pretrained=True`` path loads non-strictly whenever ``num_classes`` changes, which
+    would silently keep random weights for a wrong file; here any mismatch is an error.
+    """
+    if file.suffix not in _WEIGHT_SUFFIXES:
+        raise ValueError(
+            f"Unsupported checkpoint file {str(file)!r}: expected one of {list(_WEIGHT_SUFFIXES)}."
+        )
+    try:  # torch.load with weights_only=True inside timm for non-safetensors files
+        state = timm.models.load_state_dict(str(file), weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"Could not read checkpoint {str(file)!r} for {model_name!r}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        ) from None
+    filter_fn = getattr(
+        importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None
+    )
+    if filter_fn is not None:  # e.g. OpenAI/OpenCLIP key layout -> timm, pos-embed resampling
+        try:
+            state = filter_fn(state, model)
+        except Exception as err:
+            raise ValueError(
+                f"Checkpoint {str(file)!r} does not fit timm model {model_name!r} "
+                f"({type(err).__name__}: {str(err)[:300]})."
+            ) from None
+    own = model.state_dict()
+    # The classifier head is removed (num_classes=0): its weights are expected extras.
+    heads = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    state = {
+        k: v for k, v in state.items() if k in own or not any(k.startswith(h + ".") for h in heads)
+    }
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        detail = "; ".join(
+            f"{label} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shape))
+            if keys
+        )
+        raise ValueError(
+            f"Checkpoint {str(file)!r} does not match timm model {model_name!r} with the given "
+            f"model_kwargs: {detail}. Check model_name/model_kwargs or the file."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+class VisionEncoder(nn.Module):
+    """Frozen timm backbone: ``forward(pixels) -> (patch tokens (B, P, D), (gh, gw))``.
+
+    Args:
+        model_name: any timm model name, with or without pretrained tag.
+        pretrained: load the timm hub weights from the local HF cache (offline).
+        checkpoint_path: local weight file or directory holding one; wins over ``pretrained``.
+        model_kwargs: extra ``timm.create_model`` arguments (e.g. a tiny ViT for tests).
+        feature_layer: -1 = final normed output, other = that block's output (see module doc).
+        dtype: dtype of the weights and of the returned features.
+        allow_download: let ``pretrained=True`` download missing weights from the hub.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_base_patch16_224",
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        feature_layer: int = -1,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        allow_download: bool = False,
+    ) -> None:
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        if not timm.is_model(model_name):
+            raise ValueError(f"Unknown timm model {model_name!r} (see timm.list_models()).")
+        self.model_name = model_name
+        self.feature_layer = feature_layer
+
+        weights: Path | None = None
+        if checkpoint_path is not None:
+            weights = _resolve_local_checkpoint(checkpoint_path)
+        elif pretrained:
+            weights = resolve_hub_checkpoint(model_name, allow_download=allow_download)
+
+        self.model = self._create(model_name, dict(model_kwargs or {}))
+        self._check_feature_layer()
+        if weights is not None:
+            _load_weights(self.model, weights, model_name)
+
+        self.model.to(_DTYPES[dtype])
+        self.requires_grad_(False)
+        self.train(False)
+
+    @staticmethod
+    def _create(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
+        """Random-init model without head; dynamic sizes where the architecture accepts them."""
+        base = {"num_classes": 0}
+        dynamic = {"dynamic_img_size": True, "dynamic_img_pad": True}
+        try:
+            return timm.create_model(model_name, pretrained=False, **{**base, **dynamic, **kwargs})
+        except TypeError as err:
+            if "dynamic_img" not in str(err):
+                raise ValueError(f"timm.create_model({model_name!r}) failed: {err}") from None
+        return timm.create_model(model_name, pretrained=False, **{**base, **kwargs})
+
+    def _check_feature_layer(self) -> None:
+        if self.feature_layer == -1:
+            return
+        if not (hasattr(self.model, "forward_intermediates") and hasattr(self.model, "blocks")):
+            raise ValueError(
+                f"feature_layer={self.feature_layer} needs a transformer with `blocks` and "
+                f"forward_intermediates, which timm model {self.model_name!r} lacks; use -1."
+            )
+        depth = len(self.model.blocks)
+        if not -depth <= self.feature_layer < depth:
+            raise ValueError(
+                f"feature_layer={self.feature_layer} is out of range for {self.model_name!r} "
+                f"with {depth} blocks (valid: {-depth}..{depth - 1})."
+            )
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        """Always eval: dropout/drop-path of a frozen encoder must never switch on."""
+        return super().train(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return int(getattr(self.model, "embed_dim", None) or self.model.num_features)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(getattr(self.model, "num_prefix_tokens", 0))
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm preprocessing config; ``input_size`` follows the model's own ``img_size``."""
+        cfg = dict(timm.data.resolve_model_data_config(self.model))
+        img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            cfg["input_size"] = (cfg["input_size"][0], int(img_size[0]), int(img_size[1]))
+        return cfg
+
+    @property
+    def default_grid(self) -> tuple[int, int]:
+        """Patch grid for the default input size (``data_config['input_size']``)."""
+        _, h, w = self.data_config["input_size"]
+        return self.grid_for(h, w)
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid produced for an ``height x width`` input."""
+        pe = getattr(self.model, "patch_embed", None)
+        if pe is not None and hasattr(pe, "dynamic_feat_size"):  # ceil when it pads, else floor
+            gh, gw = pe.dynamic_feat_size((height, width))
+            return int(gh), int(gw)
+        if pe is not None and hasattr(pe, "patch_size"):
+            ph, pw = pe.patch_size
+            return height // ph, width // pw
+        with torch.no_grad():  # no patch embed (e.g. a convnet): measure it once
+            probe = torch.zeros(1, 3, height, width, dtype=self.dtype, device=self._device())
+            return self(probe)[1]
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(B, 3, H, W) -> patch tokens (B, gh*gw, embed_dim) in the encoder dtype, (gh, gw)."""
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (B, C, H, W), got {tuple(pixel_values.shape)}")
+        x = pixel_values.to(device=self._device(), dtype=self.dtype)
+        with torch.no_grad():
+            if self.feature_layer == -1:
+                feats = self.model.forward_features(x)
+            else:
+                feats = self.model.forward_intermediates(
+                    x,
+                    indices=[self.feature_layer],
+                    norm=False,
+                    stop_early=True,
+                    output_fmt="NCHW",
+                    intermediates_only=True,
+                )[0]
+        if feats.ndim == 4:  # (B, D, gh, gw): spatial map, nothing to strip
+            grid = (int(feats.shape[2]), int(feats.shape[3]))
+            return feats.flatten(2).transpose(1, 2), grid
+        tokens = feats[:, self.num_prefix_tokens :]
+        grid = self.grid_for(int(x.shape[2]), int(x.shape[3]))
+        if grid[0] * grid[1] != tokens.shape[1]:
+            raise ValueError(
+                f"{self.model_name!r} returned {tokens.shape[1]} patch tokens for a "
+                f"{tuple(x.shape[2:])} input, expected grid {grid}."
+            )
+        return tokens, grid
