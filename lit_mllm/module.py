@@ -122,6 +122,8 @@ class MLLMModule(L.LightningModule):
         save_frozen: Literal["auto", "always", "never"] = "auto",
         predictions_path: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        max_consecutive_skips: int = 10,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.encoder_cfg: EncoderConfig = _coerce(EncoderConfig, encoder)
@@ -142,6 +144,8 @@ class MLLMModule(L.LightningModule):
                 "save_frozen": save_frozen,
                 "predictions_path": predictions_path,
                 "chat_template_kwargs": chat_template_kwargs,
+                "max_consecutive_skips": max_consecutive_skips,
+                "init_from": None,  # weights are in the checkpoint itself
             }
         )
         self.tokenizer_name = tokenizer
@@ -192,6 +196,28 @@ class MLLMModule(L.LightningModule):
         self.last_val_examples: dict[str, Any] | None = None
         self.last_caption_scores: dict[str, float] = {}
         self.strict_loading = False  # frozen pretrained weights are not in checkpoints
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
+        self.empty_batches = 0
+        if init_from:
+            self.load_trainable_weights(init_from)
+
+    def load_trainable_weights(self, path: str) -> None:
+        """Start from another run's weights (e.g. stage 2 from stage 1): matching names only."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_from: checkpoint {path!r} does not exist")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"init_from: {path!r} is not a readable checkpoint: {error}") from None
+        state = checkpoint.get("state_dict", checkpoint)
+        own = self.state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not usable:
+            raise ValueError(f"init_from: {path!r} shares no weights with this model")
+        self.load_state_dict(usable, strict=False)
+        log.info("init_from %s: loaded %d of %d tensors", path, len(usable), len(state))
 
     # -- parts and freezing ----------------------------------------------------------------------
     def _apply_decoder_training_mode(self) -> None:
@@ -306,10 +332,41 @@ class MLLMModule(L.LightningModule):
             return None
         loss, count = self(batch)
         size = batch["input_ids"].shape[0]
+        if int(count) == 0:
+            self.empty_batches += 1
+            self.log("train/empty_batches", float(self.empty_batches), batch_size=size)
+        if not torch.isfinite(loss):
+            self._skip_step(f"non-finite loss {float(loss)}")
+            return None  # Lightning skips backward and the optimiser step
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/supervised_tokens", count.float(), reduce_fx="sum", batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Non-finite gradients: drop them all, so AdamW leaves every parameter (and its
+        moments) untouched this step. fp16 runs are handled by the grad scaler instead."""
+        if self.trainer.precision in ("16-mixed", "16-true"):
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+            self._skip_step("non-finite gradients")
+        else:
+            self._consecutive_skips = 0
+
+    def _skip_step(self, why: str) -> None:
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        log.warning("skipping optimiser step %d: %s", self.global_step, why)
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise RuntimeError(
+                f"{self._consecutive_skips} consecutive optimiser steps skipped ({why}); "
+                "lower the learning rate, check the data, or use bf16 instead of fp16"
+            )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")

@@ -208,3 +208,71 @@ def test_checkpoint_holds_no_frozen_pretrained_weights_and_round_trips(tmp_path)
     restored = MLLMModule.load_from_checkpoint(tmp_path / "b.ckpt", weights_only=True)
     for name, value in module.state_dict().items():
         assert torch.equal(value, restored.state_dict()[name]), name
+
+
+class _PoisonedGrads(MLLMModule):
+    """Makes gradients non-finite on chosen steps."""
+
+    poison_steps: set[int] = set()
+
+    def on_after_backward(self) -> None:
+        if self.global_step in self.poison_steps:
+            next(p for p in self.parameters() if p.requires_grad).grad.fill_(float("nan"))
+
+
+def _fit(module: MLLMModule, steps: int) -> None:
+    import lightning as L
+
+    batches = [make_batch(module) for _ in range(steps)]
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+
+
+def test_non_finite_gradients_skip_the_step_and_leave_weights_untouched() -> None:
+    torch.manual_seed(0)
+    module = _PoisonedGrads(
+        tokenizer="tiny",
+        encoder=MICRO_ENCODER,
+        connector={"kind": "resampler", "num_queries": 4},
+        decoder=MICRO_DECODER,
+    )
+    module.poison_steps = {0, 1, 2}
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    _fit(module, 3)
+    assert module.skipped_steps == 3
+    for name, param in module.named_parameters():
+        assert torch.equal(before[name], param.detach()), name
+
+
+def test_too_many_consecutive_skips_stop_with_a_clear_error() -> None:
+    torch.manual_seed(0)
+    module = _PoisonedGrads(
+        tokenizer="tiny",
+        encoder=MICRO_ENCODER,
+        connector={"kind": "resampler", "num_queries": 4},
+        decoder=MICRO_DECODER,
+        max_consecutive_skips=2,
+    )
+    module.poison_steps = {0, 1, 2, 3}
+    with pytest.raises(RuntimeError, match="2 consecutive optimiser steps skipped"):
+        _fit(module, 4)
+
+
+def test_thirty_step_fit_reduces_loss() -> None:
+    module = micro_module(optim={"lr": 3e-3, "warmup_steps": 3})
+    batch = make_batch(module)
+    module.eval()
+    with torch.no_grad():
+        first = float(module(batch)[0])
+    _fit(module, 30)
+    module.eval()
+    with torch.no_grad():
+        last = float(module(batch)[0])
+    assert last < 0.5 * first, (first, last)
