@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -17,6 +18,7 @@ from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.dataset import MLLMDataset, OnBadSample
 from lit_mllm.data.records import SampleStore
+from lit_mllm.data.sampler import ResumableSampler
 from lit_mllm.data.sources import DEFAULT_CAPTION_PROMPT, load_source
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.data.transforms import build_image_transform
@@ -127,6 +129,8 @@ class MLLMDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.datasets: dict[Stage, MLLMDataset] = {}
         self.skipped_at_load: Counter[str] = Counter()
+        self.train_sampler: ResumableSampler | None = None
+        self._sampler_state: dict[str, Any] | None = None  # from a checkpoint, until the loader
 
     # -- preparation -----------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -145,7 +149,7 @@ class MLLMDataModule(L.LightningDataModule):
         )
 
     def _model_setting(self, name: str) -> Any:
-        module = self.trainer.lightning_module if self._trainer is not None else None
+        module = self.trainer.lightning_module if self.trainer is not None else None
         value = getattr(module, name, None) if module is not None else None
         if value is None:
             raise ValueError(
@@ -220,12 +224,16 @@ class MLLMDataModule(L.LightningDataModule):
         dataset: Any = self.datasets[split]
         if split == "val" and self.val_limit is not None:
             dataset = Subset(dataset, range(min(self.val_limit, len(dataset))))
+        sampler = self._train_sampler(len(dataset)) if split == "train" else None
+        # an own generator: creating the iterator then draws worker seeds without touching the
+        # global RNG, so a resumed run's model-side random stream matches an uninterrupted one
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
+            sampler=sampler,
+            shuffle=None if sampler is not None else shuffle,
+            generator=generator if shuffle or sampler is not None else None,
             num_workers=self.num_workers,
             collate_fn=MLLMCollator(self.pad_token_id, packing=self.packing and split == "train"),
             pin_memory=torch.cuda.is_available(),
@@ -233,6 +241,56 @@ class MLLMDataModule(L.LightningDataModule):
             worker_init_fn=partial(_seed_worker, self.seed) if self.num_workers > 0 else None,
             drop_last=False,
         )
+
+    def _train_sampler(self, size: int) -> ResumableSampler:
+        """Seeded, sharded like DistributedSampler, and resumable mid-epoch from a checkpoint."""
+        trainer = self.trainer
+        world = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        sampler = ResumableSampler(
+            size,
+            shuffle=True,
+            seed=self.seed,
+            num_replicas=world.get("num_replicas", 1),
+            rank=world.get("rank", 0),
+        )
+        if self._sampler_state is not None:
+            sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
+        if trainer is not None:
+            # the epoch Lightning is about to run: with workers, the first iterator is created
+            # (and indices are drawn) before Lightning calls set_epoch
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        self.train_sampler = sampler
+        return sampler
+
+    # -- checkpointed state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position; Lightning stores it in every checkpoint.
+
+        Consumed samples are counted from the training loop (batches *processed* in this epoch),
+        not from the sampler: DataLoader workers prefetch ahead of training.
+        """
+        if self.train_sampler is None:
+            return {"train_sampler": self._sampler_state} if self._sampler_state else {}
+        trainer = self.trainer
+        batches = 0
+        if trainer is not None and trainer.state.fn == "fit":
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_sampler": self.train_sampler.state_dict(consumed=batches * self.batch_size)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training data order at the exact next batch of the saved epoch."""
+        state = state_dict.get("train_sampler")
+        if state is None:
+            return
+        # Lightning cannot see that this loader is resumable and warns otherwise
+        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
+        if self.train_sampler is not None:
+            epoch = self.train_sampler.epoch
+            self.train_sampler.load_state_dict(state)
+            self.train_sampler.set_epoch(epoch)
+        else:
+            self._sampler_state = dict(state)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, batch_size=self.batch_size)

@@ -1,0 +1,117 @@
+"""``lit-mllm-data``: data-preparation commands (synthetic data set, tiny tokenizer, ...).
+
+Each subcommand is registered by an ``add_subcommand(subparsers)`` function that adds its parser
+and sets ``handler`` (``args -> exit code``). Commands living in other modules are listed by module
+name in ``EXTRA_SUBCOMMAND_MODULES``; each such module exposes the same ``add_subcommand``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+# Modules with ``add_subcommand(subparsers)``, e.g. "lit_mllm.data.corrupt".
+EXTRA_SUBCOMMAND_MODULES: tuple[str, ...] = ("lit_mllm.data.corrupt",)
+Subparsers = argparse._SubParsersAction
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from lit_mllm.data.synthetic import (
+        generate_synthetic_dataset,
+        load_references,
+        update_manifest,
+    )
+
+    summary = generate_synthetic_dataset(
+        args.out,
+        num_train=args.train,
+        num_val=args.val,
+        num_test=args.test,
+        seed=args.seed,
+        image_size=args.image_size,
+        image_format=args.format,
+        workers=args.workers,
+    )
+    print(
+        f"wrote {summary['images']} images {summary['counts']} to {summary['out_dir']} "
+        f"in {summary['seconds']:.2f} s with {summary['workers']} worker(s)"
+    )
+    if args.val > 0 and not args.no_scores:
+        # Imported lazily: scoring pulls in the metrics stack, generation does not need it.
+        from lit_mllm.metrics.reference import leave_one_out_scores
+
+        scores = leave_one_out_scores(load_references(args.out, "val"), metrics=("CIDEr", "Bleu_4"))
+        scores = {k: round(float(v), 6) for k, v in scores.items()}
+        update_manifest(args.out, val_reference_scores=scores)
+        print("val leave-one-out reference scores: " + json.dumps(scores))
+    print(f"manifest: {summary['manifest']}")
+    return 0
+
+
+def add_synth(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "synth",
+        help="generate the synthetic shape-captioning data set",
+        description="Draw shape images with 5 reference captions each; write COCO and LLaVA JSON.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (new or a previous run)")
+    p.add_argument("--train", type=int, required=True, help="number of training images")
+    p.add_argument("--val", type=int, required=True, help="number of validation images")
+    p.add_argument("--test", type=int, default=0, help="number of test images (default 0)")
+    p.add_argument("--seed", type=int, required=True, help="seed: same seed, same bytes")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument(
+        "--no-scores", action="store_true", help="skip the leave-one-out reference scores"
+    )
+    p.set_defaults(handler=_run_synth)
+
+
+def _run_build_tokenizer(args: argparse.Namespace) -> int:
+    from lit_mllm.data.tiny_tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(args.out, vocab_size=args.vocab_size)
+    print(f"saved tiny tokenizer ({len(tok)} tokens) to {args.out}")
+    return 0
+
+
+def add_build_tokenizer(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "build-tokenizer",
+        help="train the tiny byte-level BPE tokenizer",
+        description="Train the tiny tokenizer deterministically and save it in HF format.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--vocab-size", type=int, default=1024, help="maximum vocabulary size")
+    p.set_defaults(handler=_run_build_tokenizer)
+
+
+BUILTIN_SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_synth, add_build_tokenizer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lit-mllm-data", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in BUILTIN_SUBCOMMANDS:
+        add(subparsers)
+    for module in EXTRA_SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_subcommand(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lit-mllm-data {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
