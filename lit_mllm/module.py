@@ -255,8 +255,12 @@ class MLLMModule(L.LightningModule):
             parts.add("model.decoder.")
         return parts
 
+    def _trainable_names(self) -> set[str]:
+        """State-dict names of trainable parameters (FSDP / checkpoint wrappers stripped)."""
+        return {_state_dict_name(name) for name, p in self.named_parameters() if p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        trainable = self._trainable_names()
         keep = tuple(self._frozen_parts_to_save())
         state = checkpoint["state_dict"]
         for key in list(state):
@@ -266,14 +270,34 @@ class MLLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = set(self.state_dict()) - set(checkpoint["state_dict"])
-        trainable_missing = sorted(
-            name for name, p in self.named_parameters() if p.requires_grad and name in missing
-        )
+        trainable_missing = sorted(self._trainable_names() & missing)
         if trainable_missing:
             raise ValueError(
                 f"checkpoint lacks {len(trainable_missing)} trainable weights, e.g. "
                 f"{trainable_missing[:3]}: it was written for a different model configuration"
             )
+
+    @classmethod
+    def from_pretrained(cls, directory: str, map_location: str = "cpu") -> MLLMModule:
+        """Load a folder written by ``lit-mllm-export --format native``."""
+        from lit_mllm.export import load_pretrained
+
+        return load_pretrained(directory, map_location=map_location)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """FSDP shards gradients: clip through its own ``clip_grad_norm_``."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        if gradient_clip_val and isinstance(strategy, FSDPStrategy):
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -534,3 +558,9 @@ class MLLMModule(L.LightningModule):
         super().train(mode)
         self.model.encoder.train(False)  # frozen: never dropout / batch-norm updates
         return self
+
+
+def _state_dict_name(name: str) -> str:
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
