@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from lit_mllm.models import attention  # noqa: F401  (registers attn_implementation lit_varlen)
+
 
 def build_decoder(
     name_or_path: str | None,

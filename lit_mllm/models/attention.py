@@ -1,0 +1,134 @@
+"""Packed rows without a quadratic mask: PyTorch's flash-attention varlen kernel for transformers.
+
+``attn_implementation: lit_varlen`` (registered on import) sends packed rows (one row, no
+attention mask, position ids restarting per sample) to ``torch.nn.attention.varlen`` on CUDA
+and to a per-segment SDPA loop elsewhere; padded batches and KV-cache decoding use the stock
+SDPA path. With plain SDPA, packing needs a dense (T x T) block-diagonal mask instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+VARLEN_ATTENTION = "lit_varlen"
+_SEGMENTS: list[Any] = [None, None]  # (position_ids object, (cu_seqlens, max_len))
+
+
+def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32) and the longest segment of a packed row whose positions restart at 0.
+
+    Computed once per forward (the decoder passes the same tensor object to every layer), so
+    the one host sync it needs is paid once per step, not once per layer.
+    """
+    if _SEGMENTS[0] is position_ids:
+        return _SEGMENTS[1]
+    starts = position_ids[0] == 0
+    starts[0] = True
+    index = starts.nonzero().flatten()
+    end = torch.tensor([position_ids.shape[1]], device=index.device, dtype=index.dtype)
+    cu = torch.cat([index, end]).to(torch.int32)
+    value = (cu, int((cu[1:] - cu[:-1]).max()))
+    _SEGMENTS[0], _SEGMENTS[1] = position_ids, value
+    return value
+
+
+def reference_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float
+) -> torch.Tensor:
+    """Causal attention per segment on (T, H, D) tensors, GQA by head repetition: the CPU path."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]
+        out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def _torch_varlen() -> Callable[..., torch.Tensor] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _varlen_options() -> tuple[bool, bool]:
+    """(causal via window_size, native GQA) for the installed torch's varlen_attn signature."""
+    params = inspect.signature(_torch_varlen()).parameters
+    return "window_size" in params, "enable_gqa" in params
+
+
+def flash_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float
+) -> torch.Tensor:
+    """PyTorch's built-in flash-attention varlen kernel (torch.nn.attention.varlen)."""
+    window, native_gqa = _varlen_options()
+    kwargs: dict[str, Any] = {"scale": scale}
+    if window:
+        kwargs["window_size"] = (-1, 0)  # causal
+    else:
+        kwargs["is_causal"] = True
+    if q.shape[1] != k.shape[1]:
+        if native_gqa:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return _torch_varlen()(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def varlen_available(device: torch.device) -> bool:
+    return device.type == "cuda" and _torch_varlen() is not None
+
+
+@torch.compiler.disable
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function: packed rows (no mask, one row) -> varlen kernel.
+
+    Registered under ``lit_varlen``. transformers builds no mask for an implementation it does
+    not know, so packed rows arrive with ``attention_mask=None`` and their ``position_ids``;
+    anything else (padding masks, KV-cache decoding) goes to the stock SDPA function.
+    """
+    position_ids = kwargs.get("position_ids")
+    packed = (
+        attention_mask is None
+        and position_ids is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]
+    )
+    if not packed:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    cu, max_len = packed_segments(position_ids)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    dtype = query.dtype
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
+    use_flash = q.is_cuda and dtype in (torch.bfloat16, torch.float16) and _torch_varlen()
+    out = (flash_varlen if use_flash else reference_varlen)(q, k, v, cu, max_len, scale)
+    return out.unsqueeze(0), None  # (1, T, H, D) like transformers' SDPA function
+
+
+AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
