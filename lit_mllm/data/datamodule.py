@@ -253,12 +253,13 @@ class MLLMDataModule(L.LightningDataModule):
             num_replicas=world.get("num_replicas", 1),
             rank=world.get("rank", 0),
         )
+        # with workers, indices are drawn as soon as an iterator exists, before Lightning calls
+        # set_epoch: start at the right epoch (a resumed one comes from the checkpoint, as
+        # Lightning may build this loader before it restores its own loop counters)
         if self._sampler_state is not None:
             sampler.load_state_dict(self._sampler_state)
             self._sampler_state = None
-        if trainer is not None:
-            # the epoch Lightning is about to run: with workers, the first iterator is created
-            # (and indices are drawn) before Lightning calls set_epoch
+        elif trainer is not None:
             sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
         self.train_sampler = sampler
         return sampler
@@ -286,9 +287,7 @@ class MLLMDataModule(L.LightningDataModule):
         # Lightning cannot see that this loader is resumable and warns otherwise
         warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
         if self.train_sampler is not None:
-            epoch = self.train_sampler.epoch
             self.train_sampler.load_state_dict(state)
-            self.train_sampler.set_epoch(epoch)
         else:
             self._sampler_state = dict(state)
 

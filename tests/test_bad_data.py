@@ -1,0 +1,332 @@
+"""Bad data is counted, never lost: a corpus with known injected faults, trained on end to end.
+
+The corpus comes from ``lit_mllm.data.corrupt`` (``lit-mllm-data corrupt``); ``faults.json`` is
+its ground truth. With ``on_bad_sample: skip`` every fault must be counted exactly once under
+its reason and every good sample trained on; with ``error`` the first fault stops the run with an
+error naming the file, the sample and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_mllm.data.conversation import ConversationError, ConversationTokenizer
+from lit_mllm.data.corrupt import CORPUS_NAME, FAULT_KINDS, write_corrupt_corpus
+from lit_mllm.data.datamodule import MLLMDataModule, SplitSource
+from lit_mllm.data.dataset import MLLMDataset
+from lit_mllm.data.sampler import ResumableSampler
+from lit_mllm.data.sources import BadSampleError, MissingImageError, load_llava
+from lit_mllm.data.synthetic import generate_synthetic_dataset
+from lit_mllm.data.tokenizer import load_tokenizer
+from lit_mllm.data.transforms import BadImageError, build_image_transform, load_rgb_image
+from lit_mllm.module import MLLMModule
+
+MICRO = {
+    "tokenizer": "tiny",
+    "encoder": {
+        "name": "vit_base_patch16_224",
+        "model_kwargs": {
+            "img_size": 32,
+            "patch_size": 8,
+            "embed_dim": 48,
+            "depth": 2,
+            "num_heads": 2,
+        },
+    },
+    "connector": {"kind": "resampler", "num_queries": 4},
+    "decoder": {
+        "config": {
+            "model_type": "qwen2",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": True,
+        }
+    },
+}
+MAX_LENGTH = 256
+DATA_CONFIG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 1.0,
+}
+LOAD_KINDS = [k for k, v in FAULT_KINDS.items() if v.stage == "load"]
+TRAIN_KINDS = [k for k, v in FAULT_KINDS.items() if v.stage == "train"]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic_dataset(out, 12, 2, 0, seed=0, image_size=32, workers=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(synthetic, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("corrupt") / "corpus"
+    truth = write_corrupt_corpus(synthetic, out, seed=3)
+    return out, truth
+
+
+@pytest.fixture(scope="module")
+def conversation_tokenizer() -> ConversationTokenizer:
+    return ConversationTokenizer(load_tokenizer("tiny"), num_image_tokens=4, max_length=MAX_LENGTH)
+
+
+def _datamodule(corpus_dir: Path, on_bad_sample: str) -> MLLMDataModule:
+    return MLLMDataModule(
+        train=SplitSource("llava", str(corpus_dir / CORPUS_NAME), str(corpus_dir / "images")),
+        batch_size=8,
+        num_workers=0,
+        max_length=MAX_LENGTH,
+        on_bad_sample=on_bad_sample,
+        seed=0,
+    )
+
+
+def _trainer(root: Path, callbacks: list) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.Checkpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
+
+
+class CountTrained(L.Callback):
+    """Counts the samples each training batch really carried."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.ids: list[str] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.total += batch["batch_size"]
+        self.ids += batch.get("sample_id", [])
+
+
+# -- the whole corpus, end to end -----------------------------------------------------------------
+def test_ground_truth_covers_every_fault_kind(corpus) -> None:
+    corpus_dir, truth = corpus
+    assert set(truth["faults"]) == set(FAULT_KINDS)
+    lines = (corpus_dir / CORPUS_NAME).read_text().splitlines()
+    assert len(lines) == truth["num_records"] == truth["good"] + sum(truth["faults"].values())
+    by_kind = Counter(r["kind"] for r in truth["records"] if r["stage"] != "good")
+    assert by_kind == truth["faults"]
+    expected = Counter()
+    for kind, count in truth["faults"].items():
+        expected[FAULT_KINDS[kind].reason] += count
+    assert expected == Counter(truth["expected_skipped_at_load"]) + Counter(
+        truth["expected_skipped_train"]
+    )
+
+
+def test_fit_with_skip_counts_each_fault_exactly_and_trains_every_good_sample(
+    corpus, tmp_path
+) -> None:
+    corpus_dir, truth = corpus
+    torch.manual_seed(0)
+    module = MLLMModule(**MICRO)
+    datamodule = _datamodule(corpus_dir, "skip")
+    counter = CountTrained()
+    trainer = _trainer(tmp_path, [counter])
+    trainer.fit(module, datamodule)
+
+    assert trainer.global_step > 0
+    assert dict(datamodule.skipped_at_load) == truth["expected_skipped_at_load"]
+    report = json.loads((tmp_path / "skipped_train.json").read_text())
+    assert report["skipped_samples"] == truth["expected_skipped_train"]
+    assert report["skipped_at_load"] == truth["expected_skipped_at_load"]
+    assert counter.total == truth["good"]
+    assert sorted(counter.ids) == truth["good_ids"]  # each good sample once, none of the bad
+
+
+def test_fit_with_error_stops_at_the_first_fault_found_while_loading(corpus, tmp_path) -> None:
+    corpus_dir, truth = corpus
+    first = next(r for r in truth["records"] if r["stage"] == "load")
+    module = MLLMModule(**MICRO)
+    with pytest.raises((BadSampleError, MissingImageError)) as info:
+        _trainer(tmp_path, []).fit(module, _datamodule(corpus_dir, "error"))
+    message = str(info.value)
+    assert info.value.reason == first["reason"]
+    assert str(corpus_dir / CORPUS_NAME) in message
+    assert (first["id"] or f"line {first['line']}") in message
+
+
+def test_fit_with_error_stops_at_the_first_fault_met_in_training(synthetic, tmp_path) -> None:
+    corpus_dir = tmp_path / "corpus"
+    truth = write_corrupt_corpus(synthetic, corpus_dir, seed=1, kinds=TRAIN_KINDS)
+    datamodule = _datamodule(corpus_dir, "error")
+    module = MLLMModule(**MICRO)
+    with pytest.raises((ConversationError, BadImageError)) as info:
+        _trainer(tmp_path, []).fit(module, datamodule)
+    # the first raising fault in the training order (over-long samples are always dropped)
+    store = datamodule.datasets["train"].samples
+    order = ResumableSampler(len(store), seed=datamodule.seed).global_order(0)
+    record = {r["id"]: r for r in truth["records"]}
+    first = next(
+        record[store[i].sample_id]
+        for i in order
+        if record[store[i].sample_id]["stage"] == "train"
+        and record[store[i].sample_id]["reason"] != "no_supervised_tokens"
+    )
+    message = str(info.value)
+    assert info.value.reason == first["reason"]
+    assert first["id"] in message and str(corpus_dir / CORPUS_NAME) in message
+
+
+# -- one fault kind at a time ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def single_kind_corpora(synthetic, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    root = tmp_path_factory.mktemp("single")
+    return {
+        kind: (root / kind, write_corrupt_corpus(synthetic, root / kind, seed=7, kinds=[kind]))
+        for kind in FAULT_KINDS
+    }
+
+
+@pytest.mark.parametrize("kind", LOAD_KINDS)
+def test_fault_found_while_loading(single_kind_corpora, kind) -> None:
+    corpus_dir, truth = single_kind_corpora[kind]
+    path, root = corpus_dir / CORPUS_NAME, corpus_dir / "images"
+    reason, count = FAULT_KINDS[kind].reason, truth["faults"][kind]
+    store = load_llava(path, root, on_bad_sample="skip")
+    assert store.skipped == {reason: count}
+    assert sorted(s.sample_id for s in store) == truth["good_ids"]
+
+    first = next(r for r in truth["records"] if r["kind"] == kind)
+    with pytest.raises(ValueError if reason != "missing_image" else FileNotFoundError) as info:
+        load_llava(path, root, on_bad_sample="error")
+    assert info.value.reason == reason
+    assert str(path) in str(info.value)
+    assert (first["id"] or f"line {first['line']}") in str(info.value)
+
+
+@pytest.mark.parametrize("kind", TRAIN_KINDS)
+def test_fault_found_when_building_the_sample(
+    single_kind_corpora, conversation_tokenizer, kind
+) -> None:
+    corpus_dir, truth = single_kind_corpora[kind]
+    reason, count = FAULT_KINDS[kind].reason, truth["faults"][kind]
+    store = load_llava(corpus_dir / CORPUS_NAME, corpus_dir / "images", on_bad_sample="skip")
+    assert store.skipped == {}  # nothing wrong with the record itself
+    transform = build_image_transform(DATA_CONFIG)
+    skipping = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="skip")
+    items = [skipping[i] for i in range(len(store))]
+    assert Counter(item["skipped"] for item in items if "skipped" in item) == {reason: count}
+    assert sorted(i["sample_id"] for i in items if "skipped" not in i) == truth["good_ids"]
+
+    strict = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="error")
+    bad = [i for i in range(len(store)) if store[i].sample_id.startswith(f"{kind}-")]
+    assert len(bad) == count
+    if reason == "no_supervised_tokens":  # always dropped and counted, never an error
+        assert strict[bad[0]] == {"skipped": reason, "sample_id": store[bad[0]].sample_id}
+        return
+    with pytest.raises((ConversationError, BadImageError)) as info:
+        strict[bad[0]]
+    assert info.value.reason == reason
+    assert store[bad[0]].sample_id in str(info.value)
+    assert str(corpus_dir / CORPUS_NAME) in str(info.value)
+
+
+@pytest.mark.parametrize("check_images", [True, False])
+def test_image_paths_outside_the_root_are_always_refused(corpus, check_images) -> None:
+    corpus_dir, truth = corpus
+    escapes = sum(n for k, n in truth["faults"].items() if FAULT_KINDS[k].reason == "path_escape")
+    store = load_llava(
+        corpus_dir / CORPUS_NAME,
+        corpus_dir / "images",
+        on_bad_sample="skip",
+        check_images=check_images,
+    )
+    assert store.skipped["path_escape"] == escapes
+    outside = str((corpus_dir / "outside").resolve())
+    for sample in store:
+        for image in sample.image_paths:
+            real = str(Path(image).resolve())
+            assert real.startswith(str((corpus_dir / "images").resolve())), sample.sample_id
+            assert not real.startswith(outside) and not real.startswith("/etc")
+
+
+def test_unusual_but_valid_images_are_converted_to_rgb(corpus) -> None:
+    corpus_dir, _ = corpus
+    good = corpus_dir / "images" / "good"
+    reference = load_rgb_image(str(good / "gray.png"))
+    for name in ("gray.png", "gray16.png", "rgba.png", "palette_alpha.png", "cmyk.jpg"):
+        image = load_rgb_image(str(good / name))
+        assert image.mode == "RGB" and image.size == reference.size, name
+    assert load_rgb_image(str(good / "link_to_gray.png")).tobytes() == reference.tobytes()
+
+
+def test_corrupt_command_writes_the_corpus(synthetic, tmp_path, capsys) -> None:
+    from lit_mllm.data.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["corrupt", "--src", str(synthetic), "--out", str(out), "--seed", "3"]) == 0
+    truth = json.loads((out / "faults.json").read_text())
+    assert truth["faults"] == write_corrupt_corpus(synthetic, tmp_path / "api", seed=3)["faults"]
+    assert "injected faults" in capsys.readouterr().out
+    assert main(["corrupt", "--src", str(synthetic), "--out", str(out), "--seed", "3"]) == 2
+
+
+def test_skip_counts_stay_per_stage_when_validating(corpus, synthetic, tmp_path) -> None:
+    corpus_dir, truth = corpus
+    datamodule = _datamodule(corpus_dir, "skip")
+    val = SplitSource("coco", str(synthetic / "captions_val.json"), str(synthetic / "images/val"))
+    datamodule.sources["val"] = val
+    module = MLLMModule(**MICRO, metrics=["BLEU"], generation={"max_new_tokens": 2})
+    trainer = _trainer(tmp_path, [])
+    trainer.limit_val_batches = 1
+    trainer.fit(module, datamodule)
+    report = json.loads((tmp_path / "skipped_train.json").read_text())
+    assert report["skipped_samples"] == truth["expected_skipped_train"]
+
+
+@pytest.fixture(scope="module")
+def stopped_and_resumed(corpus, tmp_path_factory) -> tuple[Path, CountTrained, CountTrained]:
+    """Fit 2 steps into the epoch (a checkpoint per step), then resume from last.ckpt."""
+    from lit_mllm.checkpointing import AtomicModelCheckpoint
+
+    corpus_dir, _ = corpus
+    root = tmp_path_factory.mktemp("resume_bad")
+    runs = []
+    for max_steps, ckpt_path in ((2, None), (-1, root / "ckpt" / "last.ckpt")):
+        torch.manual_seed(0)
+        counter = CountTrained()
+        checkpoint = AtomicModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1)
+        trainer = _trainer(root, [counter, checkpoint])
+        trainer.fit_loop.epoch_loop.max_steps = max_steps
+        trainer.fit(MLLMModule(**MICRO), _datamodule(corpus_dir, "skip"), ckpt_path=ckpt_path)
+        runs.append(counter)
+    return root, runs[0], runs[1]
+
+
+def test_resumed_epoch_trains_every_good_sample_exactly_once(corpus, stopped_and_resumed) -> None:
+    _, truth = corpus
+    _, first, second = stopped_and_resumed
+    assert first.ids and second.ids
+    assert sorted(first.ids + second.ids) == truth["good_ids"]
+
+
+def test_resumed_epoch_still_counts_every_fault(corpus, stopped_and_resumed) -> None:
+    _, truth = corpus
+    root, _, _ = stopped_and_resumed
+    report = json.loads((root / "skipped_train.json").read_text())
+    assert report["skipped_samples"] == truth["expected_skipped_train"]
