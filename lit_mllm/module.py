@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -191,7 +191,7 @@ class MLLMModule(L.LightningModule):
         )
         self._apply_decoder_training_mode()
         self.caption_metrics = None  # built lazily: Java is only needed when validating
-        self.skipped: Counter[str] = Counter()
+        self.skipped: dict[str, Counter[str]] = defaultdict(Counter)  # per stage
         self._predictions: list[dict[str, Any]] = []
         self.last_val_examples: dict[str, Any] | None = None
         self.last_caption_scores: dict[str, float] = {}
@@ -260,6 +260,12 @@ class MLLMModule(L.LightningModule):
         return {_state_dict_name(name) for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lit_mllm_counters"] = {  # plain ints: loads with weights_only=True
+            "skipped": {stage: dict(counts) for stage, counts in self.skipped.items()},
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self._consecutive_skips,
+            "empty_batches": self.empty_batches,
+        }
         trainable = self._trainable_names()
         keep = tuple(self._frozen_parts_to_save())
         state = checkpoint["state_dict"]
@@ -269,6 +275,12 @@ class MLLMModule(L.LightningModule):
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint.get("lit_mllm_counters", {})
+        for stage, counts in counters.get("skipped", {}).items():
+            self.skipped[stage] = Counter(counts)
+        self.skipped_steps = counters.get("skipped_steps", 0)
+        self._consecutive_skips = counters.get("consecutive_skips", 0)
+        self.empty_batches = counters.get("empty_batches", 0)
         missing = set(self.state_dict()) - set(checkpoint["state_dict"])
         trainable_missing = sorted(self._trainable_names() & missing)
         if trainable_missing:
@@ -294,8 +306,23 @@ class MLLMModule(L.LightningModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         strategy = self.trainer.strategy
-        if gradient_clip_val and isinstance(strategy, FSDPStrategy):
+        if not gradient_clip_val:
+            return
+        if isinstance(strategy, FSDPStrategy):
             strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and self.trainer.precision in (
+            "bf16-mixed",
+            "bf16-true",
+            "32-true",
+            "32",
+        ):
+            # fused AdamW: no grad scaler to unscale for here, so clip directly
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -317,7 +344,9 @@ class MLLMModule(L.LightningModule):
             }
             for (no_decay, is_connector), params in groups.items()
         ]
-        fused = opt.fused if opt.fused is not None else torch.cuda.is_available()
+        fused = opt.fused
+        if fused is None:  # fp16 needs the grad scaler to unscale before clipping: not fused
+            fused = torch.cuda.is_available() and self.trainer.precision not in ("16-mixed", "16")
         optimizer = torch.optim.AdamW(param_groups, lr=opt.lr, betas=opt.betas, fused=fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(opt.warmup_steps, max(total - 1, 0))
@@ -347,11 +376,11 @@ class MLLMModule(L.LightningModule):
             sample_ids=batch.get("sample_id"),
         )
 
-    def _count_skipped(self, batch: dict[str, Any]) -> None:
-        self.skipped.update(batch.get("skipped", {}))
+    def _count_skipped(self, batch: dict[str, Any], stage: str) -> None:
+        self.skipped[stage].update(batch.get("skipped", {}))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        self._count_skipped(batch)
+        self._count_skipped(batch, "train")
         if batch.get("batch_size", 1) == 0:
             return None
         loss, count = self(batch)
@@ -399,7 +428,7 @@ class MLLMModule(L.LightningModule):
         self._evaluate(batch, batch_idx, "test")
 
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, prefix: str) -> None:
-        self._count_skipped(batch)
+        self._count_skipped(batch, prefix)
         if batch.get("batch_size", 1) == 0:
             return
         loss, count = self(batch)
@@ -494,12 +523,12 @@ class MLLMModule(L.LightningModule):
 
     def _report_skipped(self, stage: str) -> None:
         """Dropped samples are counted, logged and written next to the logs: none vanish."""
-        skipped = dict(self.skipped)
+        skipped = dict(self.skipped[stage])
         dm = getattr(self.trainer, "datamodule", None)
         at_load = dict(getattr(dm, "skipped_at_load", {}) or {})
-        if not skipped and not at_load:
+        gathered = self.all_gather_counts(skipped)  # a collective: every rank calls it
+        if not gathered and not at_load:
             return
-        gathered = self.all_gather_counts(skipped)
         summary = {"stage": stage, "epoch": self.current_epoch, "skipped_samples": gathered}
         summary["skipped_at_load"] = at_load
         for reason, count in gathered.items():
@@ -515,7 +544,7 @@ class MLLMModule(L.LightningModule):
             run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / f"skipped_{stage}.json").write_text(json.dumps(summary, indent=2))
-        self.skipped.clear()
+        self.skipped[stage].clear()
 
     def all_gather_counts(self, counts: dict[str, int]) -> dict[str, int]:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -528,7 +557,7 @@ class MLLMModule(L.LightningModule):
         return dict(total)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        self._count_skipped(batch)
+        self._count_skipped(batch, "predict")
         if batch.get("batch_size", 1) == 0:
             return []
         captions = self.caption(batch)
