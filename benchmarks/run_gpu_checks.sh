@@ -18,4 +18,5 @@ for d in sorted(glob.glob("runs/*/tensorboard/version_*")):
             v = [(e.step, round(e.value, 4)) for e in ea.Scalars(t)]
             print(d, t, v[:2], v[-3:])
 PY
-timeout 330 python3 benchmarks/train_throughput.py --decoders 1.5b --time-limit-s 300 --loader-batches 0 --out $OUT/throughput_1.5b.md 2>&1 | tail -60
+DECODERS=${1:-0.5b,1.5b}
+timeout 400 python3 benchmarks/train_throughput.py --decoders $DECODERS --time-limit-s 360 --out $OUT/throughput.md 2>&1 | tail -45
