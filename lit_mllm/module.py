@@ -533,6 +533,7 @@ class MLLMModule(L.LightningModule):
         summary["skipped_at_load"] = at_load
         for reason, count in gathered.items():
             self.log(f"data/skipped_{reason}", float(count), rank_zero_only=True)
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective
         if self.trainer.is_global_zero:
             log.warning(
                 "skipped samples (%s, epoch %d): %s; at load: %s",
@@ -541,7 +542,6 @@ class MLLMModule(L.LightningModule):
                 gathered,
                 at_load,
             )
-            run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / f"skipped_{stage}.json").write_text(json.dumps(summary, indent=2))
         self.skipped[stage].clear()

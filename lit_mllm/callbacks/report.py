@@ -11,7 +11,6 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +118,12 @@ class CaptionReport(Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, pl_module, "test", "test")
 
-    @rank_zero_only
     def _report(
         self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, split: str
     ) -> None:
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank
+        if not trainer.is_global_zero:
+            return
         scores = {
             k: v
             for k, v in (getattr(pl_module, "last_caption_scores", None) or {}).items()
@@ -143,7 +144,6 @@ class CaptionReport(Callback):
             time.perf_counter() - self._start,
             extra,
         )
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         name = "caption_report.json" if stage == "fit" else f"caption_report_{stage}.json"
         run_dir.mkdir(parents=True, exist_ok=True)
         report["report_path"] = str(run_dir / name)

@@ -34,11 +34,15 @@ def add_image_tokens(tokenizer: PreTrainedTokenizerBase) -> ImageTokenIds:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, **extra)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
+            raise ValueError(
+                f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     ids = ImageTokenIds(*(tokenizer.convert_tokens_to_ids(t) for t in IMAGE_SPECIAL_TOKENS))
     return ids
 
 
 def _has_replace_flag(tokenizer: PreTrainedTokenizerBase) -> bool:
-    return "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
+    return (
+        "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters
+    )
