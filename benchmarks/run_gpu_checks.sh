@@ -7,7 +7,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 python3 -c "import torch,transformers,lightning,timm;print(torch.__version__,transformers.__version__,lightning.__version__,timm.__version__)"
 set -o pipefail
 ( time python3 -m lit_mllm.cli fit --config configs/tiny.yaml --config configs/trainer/gpu_bf16.yaml --trainer.max_epochs 2 --trainer.limit_val_batches 0 --trainer.enable_progress_bar false ) 2>&1 | grep -v Warning | tail -15 | tee $OUT/tiny_fit.log
-python3 -m lit_mllm.cli fit --config configs/gpu_0.5b_synthetic.yaml --trainer.enable_progress_bar false 2>&1 | tail -8 | tee $OUT/fit05.log
+python3 -m lit_mllm.cli fit --config configs/smoke/gpu_0.5b_synthetic.yaml --trainer.enable_progress_bar false 2>&1 | tail -8 | tee $OUT/fit05.log
 python3 - <<'PY' | tee $OUT/scalars.txt
 import glob
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
