@@ -220,6 +220,6 @@ def test_cli_synth_writes_reference_scores(
     argv = ["synth", "--out", str(tmp_path), "--train", "2", "--val", "40", "--seed", "0"]
     assert data_cli([*argv, "--workers", "1"]) == 0
     scores = json.loads((tmp_path / "synthetic_manifest.json").read_text())["val_reference_scores"]
-    assert set(scores) == {"CIDEr", "Bleu_4"}
+    assert set(scores) == {"CIDEr", "Bleu_4", "ROUGE_L"}
     assert 0.5 < scores["CIDEr"] < 8.0 and 0.2 < scores["Bleu_4"] < 0.95
     assert "leave-one-out" in capsys.readouterr().out

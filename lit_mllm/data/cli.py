@@ -20,11 +20,7 @@ Subparsers = argparse._SubParsersAction
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from lit_mllm.data.synthetic import (
-        generate_synthetic_dataset,
-        load_references,
-        update_manifest,
-    )
+    from lit_mllm.data.synthetic import generate_synthetic_dataset
 
     summary = generate_synthetic_dataset(
         args.out,
@@ -42,11 +38,9 @@ def _run_synth(args: argparse.Namespace) -> int:
     )
     if args.val > 0 and not args.no_scores:
         # Imported lazily: scoring pulls in the metrics stack, generation does not need it.
-        from lit_mllm.metrics.reference import leave_one_out_scores
+        from lit_mllm.metrics.reference import score_synthetic_references
 
-        scores = leave_one_out_scores(load_references(args.out, "val"), metrics=("CIDEr", "Bleu_4"))
-        scores = {k: round(float(v), 6) for k, v in scores.items()}
-        update_manifest(args.out, val_reference_scores=scores)
+        scores = score_synthetic_references(args.out, "val")
         print("val leave-one-out reference scores: " + json.dumps(scores))
     print(f"manifest: {summary['manifest']}")
     return 0

@@ -147,6 +147,13 @@ class MLLMDataModule(L.LightningDataModule):
         generate_synthetic_dataset(
             s.dir, s.num_train, s.num_val, s.num_test, seed=s.seed, image_size=s.image_size
         )
+        if s.num_val > 1:
+            try:  # the human baseline printed next to the model's scores; needs Java
+                from lit_mllm.metrics.reference import score_synthetic_references
+
+                score_synthetic_references(s.dir, "val")
+            except Exception as error:  # never block training on the report's baseline
+                log.warning("could not score the synthetic references: %s", error)
 
     def _model_setting(self, name: str) -> Any:
         module = self.trainer.lightning_module if self.trainer is not None else None

@@ -9,6 +9,7 @@ the corpus scores of these n_refs rounds are averaged.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from lit_mllm.metrics.caption import SCORER_KEYS, CaptionScorer, ImageId, sorted_image_ids
 from lit_mllm.metrics.java import ptb_tokenize
@@ -68,3 +69,17 @@ def leave_one_out_scores(
         scorer.close()
     # keys missing from every round (SPICE without its jars) are left out
     return {key: totals[key] / n_refs for key in keys if key in totals}
+
+
+def score_synthetic_references(
+    out_dir: str | Path,
+    split: str = "val",
+    metrics: Sequence[str] = ("Bleu_4", "ROUGE_L", "CIDEr"),
+) -> dict[str, float]:
+    """Leave-one-out scores of a synthetic split, stored in its manifest for the run report."""
+    from lit_mllm.data.synthetic import load_references, update_manifest
+
+    scores = leave_one_out_scores(load_references(out_dir, split), metrics=metrics)
+    scores = {k: round(float(v), 6) for k, v in scores.items()}
+    update_manifest(out_dir, **{f"{split}_reference_scores": scores})
+    return scores
