@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from micro import MICRO_MODEL
 
 from lit_mllm.data.conversation import ConversationError, ConversationTokenizer
 from lit_mllm.data.corrupt import CORPUS_NAME, FAULT_KINDS, write_corrupt_corpus
@@ -27,32 +28,7 @@ from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.data.transforms import BadImageError, build_image_transform, load_rgb_image
 from lit_mllm.module import MLLMModule
 
-MICRO = {
-    "tokenizer": "tiny",
-    "encoder": {
-        "name": "vit_base_patch16_224",
-        "model_kwargs": {
-            "img_size": 32,
-            "patch_size": 8,
-            "embed_dim": 48,
-            "depth": 2,
-            "num_heads": 2,
-        },
-    },
-    "connector": {"kind": "resampler", "num_queries": 4},
-    "decoder": {
-        "config": {
-            "model_type": "qwen2",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 512,
-            "tie_word_embeddings": True,
-        }
-    },
-}
+MICRO = MICRO_MODEL
 MAX_LENGTH = 256
 DATA_CONFIG = {
     "input_size": (3, 32, 32),

@@ -8,22 +8,14 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from micro import MICRO_DECODER_CONFIG
 from PIL import Image
 from safetensors.torch import load_file
 
 from lit_mllm.export import load_checkpoint, load_pretrained, main, save_pretrained, to_llava
 from lit_mllm.module import MLLMModule
 
-MICRO_DECODER = {
-    "model_type": "qwen2",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": True,
-}
+MICRO_DECODER = MICRO_DECODER_CONFIG
 CLIP_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 3, "num_heads": 2}
 
 

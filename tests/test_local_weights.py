@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from micro import MICRO_DECODER_CONFIG
 from safetensors.torch import load_file, save_file
 
 from lit_mllm.export import load_pretrained, save_pretrained
@@ -16,16 +17,7 @@ from lit_mllm.module import MLLMModule
 
 VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 ENCODER = {"name": "vit_base_patch16_clip_224", "model_kwargs": VIT, "feature_layer": -2}
-DECODER_CONFIG = {
-    "model_type": "qwen2",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": True,
-}
+DECODER_CONFIG = MICRO_DECODER_CONFIG
 
 
 @pytest.fixture(scope="module")

@@ -7,29 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from micro import MICRO_DECODER, MICRO_ENCODER
 
 from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.special_tokens import IGNORE_INDEX
 from lit_mllm.models.mllm import ImageTokenMismatchError
 from lit_mllm.module import MLLMModule
-
-MICRO_ENCODER = {
-    "name": "vit_base_patch16_224",
-    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
-}
-MICRO_DECODER = {
-    "config": {
-        "model_type": "qwen2",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": True,
-    }
-}
 
 
 def micro_module(**overrides) -> MLLMModule:

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from micro import MICRO_DECODER_CONFIG
+from micro import MICRO_ENCODER as MICRO_ENCODER_BASE
 
-MICRO_ENCODER = {
-    "name": "vit_base_patch16_224",
-    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
-}
+MICRO_ENCODER = MICRO_ENCODER_BASE
+# random ops in training: the RNG state must survive a resume
+MICRO_DECODER = {"config": {**MICRO_DECODER_CONFIG, "attention_dropout": 0.1}}
+
 MICRO_DECODER = {
     "config": {
         "model_type": "qwen2",

@@ -243,6 +243,26 @@ class ConversationTokenizer:
         return spans
 
     # -- tokenisation --------------------------------------------------------------------------
+    def _messages(
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        num_images: int,
+        sample_id: str,
+        drop_last_reply: bool = False,
+    ) -> list[dict[str, str]]:
+        """Normalised, checked messages with the image blocks expanded."""
+        messages = normalize_conversation(
+            conversation, sample_id=sample_id, system_prompt=self.system_prompt
+        )
+        if drop_last_reply and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return expand_image_placeholders(
+            messages,
+            num_images=num_images,
+            num_image_tokens=self.num_image_tokens,
+            sample_id=sample_id,
+        )
+
     def __call__(
         self,
         conversation: Sequence[Mapping[str, Any]],
@@ -250,15 +270,7 @@ class ConversationTokenizer:
         num_images: int = 1,
         sample_id: str = "?",
     ) -> TokenizedConversation:
-        messages = normalize_conversation(
-            conversation, sample_id=sample_id, system_prompt=self.system_prompt
-        )
-        messages = expand_image_placeholders(
-            messages,
-            num_images=num_images,
-            num_image_tokens=self.num_image_tokens,
-            sample_id=sample_id,
-        )
+        messages = self._messages(conversation, num_images, sample_id)
         try:
             text = self.render(messages)
         except Exception as error:  # jinja raise_exception, e.g. no system role (Mistral)
@@ -338,17 +350,7 @@ class ConversationTokenizer:
 
         A trailing assistant turn (e.g. the reference caption) is dropped.
         """
-        messages = normalize_conversation(
-            conversation, sample_id=sample_id, system_prompt=self.system_prompt
-        )
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        messages = expand_image_placeholders(
-            messages,
-            num_images=num_images,
-            num_image_tokens=self.num_image_tokens,
-            sample_id=sample_id,
-        )
+        messages = self._messages(conversation, num_images, sample_id, drop_last_reply=True)
         try:
             text = self.render(messages, add_generation_prompt=True)
         except Exception:
