@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lit_mllm.data.datamodule import MLLMDataModule
@@ -22,6 +23,9 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+    # a gloo/NCCL group left alive aborts the interpreter at exit ("terminate called ...")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -131,21 +131,17 @@ class MLLMModule(L.LightningModule):
         self.decoder_cfg: DecoderConfig = _coerce(DecoderConfig, decoder)
         self.optim_cfg: OptimConfig = _coerce(OptimConfig, optim)
         self.generation_cfg: GenerationConfig = _coerce(GenerationConfig, generation)
+        # only what defines the model: LightningCLI puts a checkpoint's hyper-parameters over
+        # the command line (`--ckpt_path`), so run settings (optimiser, generation, metrics,
+        # output paths) stay out and can be changed when validating or resuming
         self.save_hyperparameters(
             {
                 "tokenizer": tokenizer,
                 "encoder": asdict(self.encoder_cfg),
                 "connector": asdict(self.connector_cfg),
                 "decoder": asdict(self.decoder_cfg),
-                "optim": asdict(self.optim_cfg),
-                "generation": asdict(self.generation_cfg),
-                "metrics": metrics,
-                "val_caption_limit": val_caption_limit,
                 "save_frozen": save_frozen,
-                "predictions_path": predictions_path,
                 "chat_template_kwargs": chat_template_kwargs,
-                "max_consecutive_skips": max_consecutive_skips,
-                "init_from": None,  # weights are in the checkpoint itself
             }
         )
         self.tokenizer_name = tokenizer

@@ -131,7 +131,7 @@ def test_tiny_with_cpu_preset_instantiates_and_keeps_the_recipe_callbacks(tmp_pa
     assert isinstance(cli.trainer.strategy, SingleDeviceStrategy)
     assert cli.trainer.strategy.root_device.type == "cpu"
     assert cli.trainer.precision == "32-true"
-    assert cli.trainer.max_epochs == 3  # from tiny.yaml: the preset only sets what it names
+    assert cli.trainer.max_steps == 600  # from tiny.yaml: the preset only sets what it names
     assert cli.trainer.gradient_clip_val == 1.0
     assert cli.trainer.checkpoint_callback.monitor == "val/CIDEr"
     assert isinstance(cli.model, MLLMModule) and cli.model.num_image_tokens == 16

@@ -79,12 +79,11 @@ def test_two_process_ddp_matches_one_process_with_double_batch(tmp_path: Path) -
     L.seed_everything(0)
     initial = MLLMModule(**one["model"]).state_dict()
     assert single.keys() == ddp.keys()
-    worst = 0.0
-    for name, weight in single.items():
-        update = (weight - initial[name]).norm()
-        if not name.startswith("model.connector.") or update == 0:
-            continue
-        # same samples per step, gradients averaged over ranks: equal up to the per-rank
-        # weighting of the token-mean loss (captions differ in length)
-        worst = max(worst, float((weight - ddp[name]).norm() / update))
-    assert 0 < worst < 0.25, worst
+    names = [n for n in single if n.startswith("model.") and n in initial]
+    names = [n for n in names if not torch.equal(single[n], initial[n])]  # trained tensors
+    update = torch.cat([(single[n] - initial[n]).flatten() for n in names]).norm()
+    apart = torch.cat([(single[n] - ddp[n]).flatten() for n in names]).norm()
+    # same samples per step and gradients averaged over ranks: equal up to the per-rank
+    # weighting of the token-mean loss (captions differ in length), amplified a little by Adam
+    print(f"relative distance of DDP vs single-process weights: {float(apart / update):.4f}")
+    assert 0 < float(apart / update) < 0.2, float(apart / update)
