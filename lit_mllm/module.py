@@ -390,7 +390,18 @@ class MLLMModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/supervised_tokens", count.float(), reduce_fx="sum", batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
-        return loss
+        return self._global_token_mean(loss, count)
+
+    def _global_token_mean(self, loss: Tensor, count: Tensor) -> Tensor:
+        """Under DDP, weight each rank's token-mean loss by its share of all supervised tokens,
+        so the averaged gradient is that of the mean over every token of the global batch (as
+        one process with the whole batch), not a mean of per-rank means."""
+        world = self.trainer.world_size
+        if world <= 1 or not torch.distributed.is_initialized():
+            return loss
+        total = count.detach().to(loss.device, torch.float32).clone()
+        torch.distributed.all_reduce(total)
+        return loss * (count.float() * world / total.clamp(min=1))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Non-finite gradients: drop them all, so AdamW leaves every parameter (and its

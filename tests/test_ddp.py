@@ -83,7 +83,7 @@ def test_two_process_ddp_matches_one_process_with_double_batch(tmp_path: Path) -
     names = [n for n in names if not torch.equal(single[n], initial[n])]  # trained tensors
     update = torch.cat([(single[n] - initial[n]).flatten() for n in names]).norm()
     apart = torch.cat([(single[n] - ddp[n]).flatten() for n in names]).norm()
-    # same samples per step and gradients averaged over ranks: equal up to the per-rank
-    # weighting of the token-mean loss (captions differ in length), amplified a little by Adam
+    # same samples per step; the loss is the mean over all supervised tokens of the global
+    # batch in both (MLLMModule weights each rank by its token share): equal up to float sums
     print(f"relative distance of DDP vs single-process weights: {float(apart / update):.4f}")
-    assert 0 < float(apart / update) < 0.2, float(apart / update)
+    assert 0 < float(apart / update) < 0.01, float(apart / update)
