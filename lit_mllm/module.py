@@ -277,6 +277,8 @@ class MLLMModule(L.LightningModule):
         self.skipped_steps = counters.get("skipped_steps", 0)
         self._consecutive_skips = counters.get("consecutive_skips", 0)
         self.empty_batches = counters.get("empty_batches", 0)
+        if "state_dict" not in checkpoint:  # FSDP sharded checkpoints load the weights themselves
+            return
         missing = set(self.state_dict()) - set(checkpoint["state_dict"])
         trainable_missing = sorted(self._trainable_names() & missing)
         if trainable_missing:
