@@ -33,6 +33,8 @@ def test_every_readme_command_is_a_known_entry_point() -> None:
         program = command.split()[0]
         if program == "make":
             assert command.split()[1] in targets, command
+        elif program == "python":
+            assert (ROOT / command.split()[1]).is_file(), command
         elif program == "tensorboard":
             assert shutil.which("tensorboard") or True  # a dependency, not ours
         else:
