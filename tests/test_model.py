@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from micro import MICRO_DECODER, MICRO_ENCODER
+from micro import MICRO_DECODER, MICRO_ENCODER, MICRO_MODEL
 
 from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
@@ -221,12 +221,7 @@ def _fit(module: MLLMModule, steps: int) -> None:
 
 def test_non_finite_gradients_skip_the_step_and_leave_weights_untouched() -> None:
     torch.manual_seed(0)
-    module = _PoisonedGrads(
-        tokenizer="tiny",
-        encoder=MICRO_ENCODER,
-        connector={"kind": "resampler", "num_queries": 4},
-        decoder=MICRO_DECODER,
-    )
+    module = _PoisonedGrads(**MICRO_MODEL)
     module.poison_steps = {0, 1, 2}
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     _fit(module, 3)
@@ -237,13 +232,7 @@ def test_non_finite_gradients_skip_the_step_and_leave_weights_untouched() -> Non
 
 def test_too_many_consecutive_skips_stop_with_a_clear_error() -> None:
     torch.manual_seed(0)
-    module = _PoisonedGrads(
-        tokenizer="tiny",
-        encoder=MICRO_ENCODER,
-        connector={"kind": "resampler", "num_queries": 4},
-        decoder=MICRO_DECODER,
-        max_consecutive_skips=2,
-    )
+    module = _PoisonedGrads(**MICRO_MODEL, max_consecutive_skips=2)
     module.poison_steps = {0, 1, 2, 3}
     with pytest.raises(RuntimeError, match="2 consecutive optimiser steps skipped"):
         _fit(module, 4)

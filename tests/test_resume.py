@@ -27,21 +27,9 @@ from micro import MICRO_DECODER_CONFIG
 from micro import MICRO_ENCODER as MICRO_ENCODER_BASE
 
 MICRO_ENCODER = MICRO_ENCODER_BASE
-# random ops in training: the RNG state must survive a resume
-MICRO_DECODER = {"config": {**MICRO_DECODER_CONFIG, "attention_dropout": 0.1}}
-
 MICRO_DECODER = {
-    "config": {
-        "model_type": "qwen2",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": True,
-        "attention_dropout": 0.1,  # random ops in training: RNG state must survive a resume
-    },
+    # random ops in training: the RNG state must survive a resume
+    "config": {**MICRO_DECODER_CONFIG, "attention_dropout": 0.1},
     "attn_implementation": "eager",
 }
 NUM_IMAGES, BATCH_SIZE, EPOCHS, EVERY = 6, 4, 2, 3  # 30 samples -> 8 steps/epoch, 16 steps
