@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from lightning.pytorch.cli import LightningCLI
 
@@ -19,10 +17,6 @@ class MLLMCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    # the frozen encoder is in eval mode on purpose (MLLMModule.train keeps it there)
-    warnings.filterwarnings(
-        "ignore", message=r".*module\(s\) in eval mode at the start of training"
-    )
     MLLMCLI(
         MLLMModule,
         MLLMDataModule,
