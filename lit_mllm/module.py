@@ -309,13 +309,9 @@ class MLLMModule(L.LightningModule):
         if isinstance(strategy, FSDPStrategy):
             strategy.model.clip_grad_norm_(gradient_clip_val)
             return
-        if getattr(optimizer, "_step_supports_amp_scaling", False) and self.trainer.precision in (
-            "bf16-mixed",
-            "bf16-true",
-            "32-true",
-            "32",
-        ):
-            # fused AdamW: no grad scaler to unscale for here, so clip directly
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and not self._grad_scaler():
+            # fused AdamW: Lightning refuses to clip it, but with no scaler there is nothing
+            # to unscale first, so clip directly
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
@@ -323,6 +319,10 @@ class MLLMModule(L.LightningModule):
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _grad_scaler(self) -> bool:
+        """Whether the precision plugin scales gradients (and so skips non-finite steps)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -343,8 +343,8 @@ class MLLMModule(L.LightningModule):
             for (no_decay, is_connector), params in groups.items()
         ]
         fused = opt.fused
-        if fused is None:  # fp16 needs the grad scaler to unscale before clipping: not fused
-            fused = torch.cuda.is_available() and self.trainer.precision not in ("16-mixed", "16")
+        if fused is None:  # a grad scaler must unscale before clipping: not fused then
+            fused = torch.cuda.is_available() and not self._grad_scaler()
         optimizer = torch.optim.AdamW(param_groups, lr=opt.lr, betas=opt.betas, fused=fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(opt.warmup_steps, max(total - 1, 0))
@@ -407,8 +407,8 @@ class MLLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Non-finite gradients: drop them all, so AdamW leaves every parameter (and its
-        moments) untouched this step. fp16 runs are handled by the grad scaler instead."""
-        if self.trainer.precision in ("16-mixed", "16-true"):
+        moments) untouched this step. Where a grad scaler runs (fp16-mixed), it skips them."""
+        if self._grad_scaler():
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
