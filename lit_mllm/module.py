@@ -364,7 +364,9 @@ class MLLMModule(L.LightningModule):
         }
 
     # -- steps -----------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, batch: dict[str, Any], image_features: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         return self.model(
             batch["input_ids"],
             batch["labels"],
@@ -372,6 +374,7 @@ class MLLMModule(L.LightningModule):
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
             sample_ids=batch.get("sample_id"),
+            image_features=image_features,
         )
 
     def _count_skipped(self, batch: dict[str, Any], stage: str) -> None:
@@ -440,7 +443,12 @@ class MLLMModule(L.LightningModule):
         self._count_skipped(batch, prefix)
         if batch.get("batch_size", 1) == 0:
             return
-        loss, count = self(batch)
+        pixel_values = batch.get("pixel_values")
+        # the images are encoded once and serve both the loss and the captions
+        features = None
+        if pixel_values is not None and len(pixel_values):
+            features = self.model.encode_images(pixel_values)
+        loss, count = self(batch, image_features=features)
         if int(count) > 0:
             self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=int(count), sync_dist=True)
         seen = batch_idx * len(batch["sample_id"])
@@ -451,7 +459,7 @@ class MLLMModule(L.LightningModule):
                 if limit is None
                 else min(len(batch["sample_id"]), limit - seen)
             )
-            captions = self.caption(batch, limit=keep)
+            captions = self.caption(batch, limit=keep, image_features=features)
             ids, refs = batch["image_id"][:keep], batch["references"][:keep]
             with_refs = [i for i, r in enumerate(refs) if r]
             if with_refs:
@@ -473,15 +481,26 @@ class MLLMModule(L.LightningModule):
                     "image_ids": list(ids),
                 }
 
-    def caption(self, batch: dict[str, Any], limit: int | None = None) -> list[str]:
-        """Greedy/beam captions for the batch's generation prompts."""
+    def caption(
+        self,
+        batch: dict[str, Any],
+        limit: int | None = None,
+        image_features: Tensor | None = None,
+    ) -> list[str]:
+        """Greedy/beam captions for the batch's generation prompts (the first ``limit`` rows).
+
+        ``image_features``: the batch's images already encoded (``model.encode_images``).
+        """
         rows = slice(0, limit)
-        images_per_row = self.num_image_tokens
         pixel_values = batch.get("pixel_values")
-        if pixel_values is not None and limit is not None:
+        if limit is not None:
             # prompts hold one image block per image, in row order
             prompt_patch = batch["prompt_ids"][rows] == self.model.image_token_ids.patch
-            pixel_values = pixel_values[: int(prompt_patch.sum()) // images_per_row]
+            num_images = int(prompt_patch.sum()) // self.num_image_tokens
+            if pixel_values is not None:
+                pixel_values = pixel_values[:num_images]
+            if image_features is not None:
+                image_features = image_features[:num_images]
         generated = self.model.generate(
             pixel_values,
             batch["prompt_ids"][rows],
@@ -490,6 +509,7 @@ class MLLMModule(L.LightningModule):
             num_beams=self.generation_cfg.num_beams,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
+            image_features=image_features,
         )
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [t.strip() for t in texts]

@@ -249,3 +249,16 @@ def test_thirty_step_fit_reduces_loss() -> None:
     with torch.no_grad():
         last = float(module(batch)[0])
     assert last < 0.5 * first, (first, last)
+
+
+def test_validation_encodes_each_batch_of_images_once() -> None:
+    module = micro_module().eval()
+    batch = make_batch(module, with_prompts=True)
+    calls = []
+    handle = module.model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        module._evaluate(batch, 0, "test")
+    handle.remove()
+    assert len(calls) == 1
+    features = module.model.encode_images(batch["pixel_values"])
+    assert module.caption(batch, limit=2) == module.caption(batch, 2, image_features=features)

@@ -44,20 +44,30 @@ class MultimodalLM(nn.Module):
         return self.connector(features.to(dtype), grid)
 
     def embed(
-        self, input_ids: Tensor, pixel_values: Tensor | None, sample_ids: list | None = None
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None,
+        sample_ids: list | None = None,
+        image_features: Tensor | None = None,
     ) -> Tensor:
-        """Token embeddings with image features written at the ``<im_patch>`` positions."""
+        """Token embeddings with image features written at the ``<im_patch>`` positions.
+
+        ``image_features`` (from ``encode_images``) replace ``pixel_values`` when one batch's
+        images serve several passes (validation: loss, then captions).
+        """
         embeds = self.decoder.get_input_embeddings()(input_ids)
         is_patch = input_ids == self.image_token_ids.patch
         num_slots = int(is_patch.sum())
-        if pixel_values is None or len(pixel_values) == 0:
+        features = image_features
+        if features is None and pixel_values is not None and len(pixel_values):
+            features = self.encode_images(pixel_values)
+        if features is None or len(features) == 0:
             if num_slots:
                 raise ImageTokenMismatchError(
                     f"{num_slots} <im_patch> tokens but no images in the batch"
                     + (f" (samples {sample_ids})" if sample_ids else "")
                 )
             return embeds
-        features = self.encode_images(pixel_values)
         if num_slots != features.shape[0] * features.shape[1]:
             per_row = is_patch.sum(dim=1).tolist()
             raise ImageTokenMismatchError(
@@ -92,13 +102,14 @@ class MultimodalLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         sample_ids: list | None = None,
+        image_features: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Mean next-token loss over supervised positions, and their count.
 
         Hidden states are gathered at supervised positions *before* the LM head, so full-vocab
         logits are never built for prompts, images or padding.
         """
-        embeds = self.embed(input_ids, pixel_values, sample_ids)
+        embeds = self.embed(input_ids, pixel_values, sample_ids, image_features)
         hidden = self.hidden_states(embeds, attention_mask, position_ids)
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
@@ -129,10 +140,11 @@ class MultimodalLM(nn.Module):
         num_beams: int = 1,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        image_features: Tensor | None = None,
         **generate_kwargs,
     ) -> Tensor:
         """Batched, KV-cached decoding from left-padded prompts; returns only the new tokens."""
-        embeds = self.embed(prompt_ids, pixel_values)
+        embeds = self.embed(prompt_ids, pixel_values, image_features=image_features)
         return self.decoder.generate(
             inputs_embeds=embeds,
             attention_mask=prompt_attention_mask,
