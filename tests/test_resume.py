@@ -386,22 +386,13 @@ def test_broken_checkpoint_gives_a_clear_error(tmp_path, damage) -> None:
 
 
 def test_truncated_checkpoint_passed_to_fit_names_the_file(tmp_path) -> None:
-    import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     from lit_mllm.checkpointing import AtomicModelCheckpoint
 
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"PK\x03\x04" + b"\x00" * 64)  # the start of a zip, then nothing
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        max_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[AtomicModelCheckpoint(dirpath=tmp_path / "checkpoints")],
-    )
+    trainer = _tiny_trainer(tmp_path, [AtomicModelCheckpoint(dirpath=tmp_path / "checkpoints")])
     with pytest.raises(ValueError, match=r"last\.ckpt.* is corrupt or truncated"):
         trainer.fit(BoringModel(), ckpt_path=bad)
 

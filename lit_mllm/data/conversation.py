@@ -196,6 +196,21 @@ class ConversationTokenizer:
             **self.chat_template_kwargs,
         )
 
+    def _render_checked(
+        self, messages: list[dict[str, str]], sample_id: str, *, add_generation_prompt: bool = False
+    ) -> tuple[list[dict[str, str]], str]:
+        """Render; a template without a system role (Mistral v0.1) gets the system prompt merged
+        into the first user turn. Returns the messages actually rendered and the text."""
+        try:
+            return messages, self.render(messages, add_generation_prompt=add_generation_prompt)
+        except Exception as error:  # jinja raise_exception
+            if messages[0]["role"] != "system":
+                raise ConversationError(
+                    f"sample {sample_id}: chat template failed: {error}", "template_error"
+                ) from error
+        messages = _merge_system_into_first_user(messages)
+        return messages, self.render(messages, add_generation_prompt=add_generation_prompt)
+
     def _content_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
         """Character span of each message's content in ``text`` (the real rendering)."""
         placeholders = [_PLACEHOLDER.format(i) for i in range(len(messages))]
@@ -271,15 +286,7 @@ class ConversationTokenizer:
         sample_id: str = "?",
     ) -> TokenizedConversation:
         messages = self._messages(conversation, num_images, sample_id)
-        try:
-            text = self.render(messages)
-        except Exception as error:  # jinja raise_exception, e.g. no system role (Mistral)
-            if messages[0]["role"] != "system":
-                raise ConversationError(
-                    f"sample {sample_id}: chat template failed: {error}", "template_error"
-                ) from error
-            messages = _merge_system_into_first_user(messages)
-            text = self.render(messages)
+        messages, text = self._render_checked(messages, sample_id)
         spans = self._content_spans(messages, text)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
@@ -351,12 +358,7 @@ class ConversationTokenizer:
         A trailing assistant turn (e.g. the reference caption) is dropped.
         """
         messages = self._messages(conversation, num_images, sample_id, drop_last_reply=True)
-        try:
-            text = self.render(messages, add_generation_prompt=True)
-        except Exception:
-            if messages[0]["role"] != "system":
-                raise
-            text = self.render(_merge_system_into_first_user(messages), add_generation_prompt=True)
+        _, text = self._render_checked(messages, sample_id, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
