@@ -294,6 +294,21 @@ class MLLMModule(L.LightningModule):
 
         return load_pretrained(directory, map_location=map_location)
 
+    def setup(self, stage: str) -> None:
+        """FSDP flattens each unit's parameters into one buffer of one dtype, so a bf16 encoder
+        beside fp32 connector weights cannot be wrapped: keep it in float32 there (the compute
+        still runs in bf16 under the ``bf16-mixed`` precision)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        encoder = self.model.encoder
+        if isinstance(self.trainer.strategy, FSDPStrategy) and encoder.dtype != torch.float32:
+            log.warning(
+                "FSDP needs one dtype per wrapped unit: casting the frozen encoder from %s to "
+                "float32 (set `model.encoder.dtype: float32` to silence this)",
+                encoder.dtype,
+            )
+            encoder.model.float()
+
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,

@@ -181,3 +181,21 @@ def test_seed_recipe_wraps_the_classes_its_model_contains() -> None:
     present = {type(m) for m in module.modules()}
     for cls in policy.auto_wrap_policy | policy.activation_checkpointing_policy:
         assert cls in present, f"{cls.__name__} is not in the seed model"
+
+
+def test_fsdp_keeps_a_bf16_encoder_in_float32() -> None:
+    """A bf16 encoder beside fp32 trainable weights cannot be flattened into FSDP units (one
+    dtype each): under FSDP the module casts it back before the strategy wraps the model."""
+    from types import SimpleNamespace
+
+    from micro import MICRO_MODEL
+
+    kwargs = {**MICRO_MODEL, "encoder": {**MICRO_MODEL["encoder"], "dtype": "bfloat16"}}
+    module = MLLMModule(**kwargs)
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy())
+    module.setup("fit")
+    assert module.model.encoder.dtype == torch.bfloat16  # other strategies keep the setting
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    module.setup("fit")
+    assert module.model.encoder.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in module.parameters())
