@@ -41,7 +41,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -470,8 +470,6 @@ class LitTrainee(Trainee):
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
         self.spec = spec_from_model(model)
         self.vocab_size = int(model.decoder.get_input_embeddings().weight.shape[0])
-        self._layers = list(model.decoder.get_decoder().layers)
-        self._blocks = list(getattr(model.encoder.model, "blocks", []))
 
     def set_attention(self, name: str) -> None:
         """``sdpa`` (transformers' block-diagonal mask), ``varlen`` or ``flash_attention_2``."""
@@ -480,17 +478,8 @@ class LitTrainee(Trainee):
         self.attention = name
 
     def set_compiled(self, on: bool) -> None:
-        """Regional compilation: each decoder layer and encoder block, shapes dynamic."""
-        for layer in self._layers:
-            if on:
-                layer.compile(dynamic=True)
-            else:
-                layer._compiled_call_impl = None
-        for block in self._blocks:
-            if on:
-                block.compile()
-            else:
-                block._compiled_call_impl = None
+        """Regional compilation, as `lit-mllm fit` does on CUDA (`model.compile_blocks`)."""
+        self.module.model.compile_blocks(on)
         self.compiled = on
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
@@ -1260,6 +1249,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="skip rows that would end after this many seconds (GPU default 540; 0 = none)",
     )
+    p.add_argument(
+        "--text-tokens",
+        default=None,
+        help="text length distribution as MIN,MEDIAN,MAX (default 64,200,1024; tiny 8,20,64), "
+        "e.g. 32,48,96 to match the synthetic captions of `lit-mllm fit`",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="micro sizes, CPU-friendly smoke run")
     p.add_argument("--out", default=None, help="write the markdown here (and a .json beside)")
@@ -1321,6 +1316,13 @@ def main(argv: Sequence[str] | None = None) -> str:
 def _run(args: argparse.Namespace, cuda: bool, argv: Sequence[str] | None) -> str:
     device = torch.device("cuda" if cuda else "cpu")
     sizes = TINY if args.tiny else REAL
+    if args.text_tokens:
+        low, median, high = (int(v) for v in _csv(args.text_tokens))
+        if not 0 < low <= median <= high:
+            raise ValueError(
+                f"--text-tokens: need 0 < MIN <= MEDIAN <= MAX, got {args.text_tokens}"
+            )
+        sizes = replace(sizes, text_min=low, text_median=median, text_max=high)
     torch.manual_seed(args.seed)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 

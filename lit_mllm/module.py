@@ -124,6 +124,7 @@ class MLLMModule(L.LightningModule):
         chat_template_kwargs: dict[str, Any] | None = None,
         max_consecutive_skips: int = 10,
         init_from: str | None = None,
+        compile_blocks: Literal["auto", "on", "off"] = "auto",
     ) -> None:
         super().__init__()
         self.encoder_cfg: EncoderConfig = _coerce(EncoderConfig, encoder)
@@ -152,6 +153,8 @@ class MLLMModule(L.LightningModule):
         self.predictions_path = predictions_path
         self.metric_names = metrics
         self.chat_template_kwargs = chat_template_kwargs
+        self.compile_blocks_mode = compile_blocks
+        self._recompile_after_validation = False
 
         enc = self.encoder_cfg
         vision = VisionEncoder(
@@ -536,6 +539,36 @@ class MLLMModule(L.LightningModule):
             kwargs = {"metrics": self.metric_names} if self.metric_names else {}
             self.caption_metrics = CaptionMetrics(**kwargs).to(self.device)
         return self.caption_metrics
+
+    # -- regional compilation (training only) ---------------------------------------------------
+    def _wants_compiled_blocks(self) -> bool:
+        """``auto``: on CUDA, except under FSDP (its flat parameters and per-layer wrapping do
+        not mix with compiling the layers in place); never on CPU, where compile time would
+        outweigh the gain of a short run."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self.compile_blocks_mode != "auto":
+            return self.compile_blocks_mode == "on"
+        fsdp = isinstance(self.trainer.strategy, FSDPStrategy)
+        return self.device.type == "cuda" and not fsdp
+
+    def on_train_start(self) -> None:
+        if self._wants_compiled_blocks():
+            self.model.compile_blocks(True)
+
+    def on_validation_start(self) -> None:
+        # generation with a KV cache would recompile the layers at every new length: eager
+        self._recompile_after_validation = self.model.blocks_compiled
+        if self._recompile_after_validation:
+            self.model.compile_blocks(False)
+
+    def on_validation_end(self) -> None:
+        if self._recompile_after_validation:
+            self.model.compile_blocks(True)
+
+    def on_train_end(self) -> None:
+        if self.model.blocks_compiled:
+            self.model.compile_blocks(False)
 
     def on_validation_epoch_start(self) -> None:
         self._metrics()  # every rank builds it: compute() is a collective under DDP

@@ -262,3 +262,30 @@ def test_validation_encodes_each_batch_of_images_once() -> None:
     assert len(calls) == 1
     features = module.model.encode_images(batch["pixel_values"])
     assert module.caption(batch, limit=2) == module.caption(batch, 2, image_features=features)
+
+
+def test_regional_compile_is_training_only_and_off_on_cpu_by_default() -> None:
+    """`compile_blocks: auto` leaves CPU runs eager; when on, every decoder layer and encoder
+    block is compiled for training, made eager for validation (KV-cache generation) and
+    compiled again after it."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    module = micro_module()
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy())
+    module.on_train_start()
+    assert not module.model.blocks_compiled
+    module = micro_module(compile_blocks="on")
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy())
+    module.on_train_start()
+    layers = list(module.model.decoder.get_decoder().layers) + list(
+        module.model.encoder.model.blocks
+    )
+    assert all(m._compiled_call_impl is not None for m in layers)
+    module.on_validation_start()
+    assert all(m._compiled_call_impl is None for m in layers)
+    module.on_validation_end()
+    assert all(m._compiled_call_impl is not None for m in layers)
+    module.on_train_end()
+    assert not module.model.blocks_compiled

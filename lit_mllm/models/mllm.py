@@ -35,6 +35,25 @@ class MultimodalLM(nn.Module):
         self.num_image_tokens = num_image_tokens
         self.loss_chunk_size = loss_chunk_size
 
+    def compile_blocks(self, on: bool = True) -> None:
+        """Regional ``torch.compile``: every decoder layer (dynamic shapes, since packed rows
+        change length each step) and encoder block, each compiled once and reused. Compiling
+        whole blocks instead of the model keeps compile time short and graph breaks
+        (generation, hooks, LoRA) outside; ``on=False`` restores the eager modules."""
+        layers = list(self.decoder.get_decoder().layers)
+        blocks = list(getattr(self.encoder.model, "blocks", []))
+        for module, dynamic in [(m, True) for m in layers] + [(b, False) for b in blocks]:
+            if on:
+                module.compile(dynamic=dynamic)
+            else:
+                module._compiled_call_impl = None
+
+    @property
+    def blocks_compiled(self) -> bool:
+        return (
+            getattr(self.decoder.get_decoder().layers[0], "_compiled_call_impl", None) is not None
+        )
+
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, tokens, D_lm) in the decoder's embedding dtype."""
         features, grid = self.encoder(pixel_values)
