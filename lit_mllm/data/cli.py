@@ -31,6 +31,8 @@ def _run_synth(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         image_format=args.format,
         workers=args.workers,
+        max_shapes=args.max_shapes,
+        jitter=not args.no_jitter,
     )
     print(
         f"wrote {summary['images']} images {summary['counts']} to {summary['out_dir']} "
@@ -58,6 +60,10 @@ def add_synth(subparsers: Subparsers) -> None:
     p.add_argument("--test", type=int, default=0, help="number of test images (default 0)")
     p.add_argument("--seed", type=int, required=True, help="seed: same seed, same bytes")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument(
+        "--max-shapes", type=int, default=3, help="shapes per image: 1 to this many (at most 3)"
+    )
+    p.add_argument("--no-jitter", action="store_true", help="centre every shape in its grid cell")
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument(
