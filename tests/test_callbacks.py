@@ -46,7 +46,9 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     module = micro_module(
         metrics=["BLEU", "ROUGE_L", "CIDEr"], generation={"max_new_tokens": 6, "num_beams": 1}
     )
-    synthetic = SyntheticData(dir=str(data_dir), num_train=64, num_val=16, num_test=0)
+    synthetic = SyntheticData(
+        dir=str(data_dir), num_train=64, num_val=16, num_test=0, image_size=32
+    )
     datamodule = MLLMDataModule(
         synthetic=synthetic, batch_size=8, eval_batch_size=8, num_workers=0, max_length=128
     )

@@ -72,7 +72,7 @@ def test_fit_validate_test_predict_and_score(tmp_path: Path) -> None:
     data = tmp_path / "synthetic"
     generate_synthetic_dataset(data, 32, 8, 8, seed=2, image_size=32, workers=1)
     config = micro_config(data, tmp_path / "run")
-    config["data"]["synthetic"]["num_test"] = 8
+    config["data"]["synthetic"].update(num_train=32, num_test=8, seed=2)  # the set written above
     config["data"]["batch_size"] = 8
     config["model"]["metrics"] = ["BLEU", "ROUGE_L", "CIDEr"]
     config["model"]["generation"] = {"max_new_tokens": 8}

@@ -121,3 +121,20 @@ def test_missing_model_settings_give_a_clear_error(synthetic_dir: Path) -> None:
     dm = MLLMDataModule(synthetic=SyntheticData(dir=str(synthetic_dir)), num_workers=0)
     with pytest.raises(ValueError, match="image_data_config"):
         dm.setup("fit")
+
+
+def test_prepare_data_rewrites_a_set_made_with_other_settings(tmp_path: Path) -> None:
+    """Changing `data.synthetic` (here max_shapes) must not silently reuse the old files."""
+    import json
+
+    def prepare(**settings) -> dict:
+        synthetic = SyntheticData(dir=str(tmp_path), num_train=6, num_val=1, num_test=0, **settings)
+        make_datamodule(tmp_path, synthetic=synthetic).prepare_data()
+        return json.loads((tmp_path / "synthetic_manifest.json").read_text())
+
+    first = prepare(max_shapes=1)
+    stamp = (tmp_path / "synthetic_manifest.json").stat().st_mtime_ns
+    assert prepare(max_shapes=1) == first  # same settings: kept as is
+    assert (tmp_path / "synthetic_manifest.json").stat().st_mtime_ns == stamp
+    second = prepare(max_shapes=2, jitter=False)
+    assert (second["max_shapes"], second["jitter"]) == (2, False)

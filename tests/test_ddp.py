@@ -44,7 +44,11 @@ def micro_config(data_dir: Path, root: Path) -> dict:
             "optim": {"lr": 3e-3, "warmup_steps": 1},
         },
         "data": {
-            "synthetic": {"dir": str(data_dir), "num_train": 64, "num_val": 8, "num_test": 0},
+            "synthetic": {
+                # the set the test writes first: same settings, so prepare_data keeps it
+                "dir": str(data_dir),
+                **{"num_train": 64, "num_val": 8, "num_test": 0, "seed": 1, "image_size": 32},
+            },
             "num_workers": 0,
             "one_sample_per_caption": False,
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections import Counter
@@ -50,7 +51,25 @@ class SyntheticData:
     num_test: int = 200
     seed: int = 0
     image_size: int = 64
+    max_shapes: int = 3
+    jitter: bool = True
     task: Literal["caption", "instruct"] = "caption"
+
+    def matches(self, manifest: dict[str, Any]) -> bool:
+        """Whether a written set (its manifest) was made with these settings."""
+        from lit_mllm.data.synthetic import SYNTHETIC_VERSION
+
+        wanted = {"train": self.num_train, "val": self.num_val}
+        if self.num_test:
+            wanted["test"] = self.num_test
+        return (
+            manifest.get("version") == SYNTHETIC_VERSION
+            and manifest.get("seed") == self.seed
+            and manifest.get("image_size") == self.image_size
+            and manifest.get("max_shapes") == self.max_shapes
+            and manifest.get("jitter") == self.jitter
+            and manifest.get("counts") == wanted
+        )
 
     def source(self, stage: Stage) -> SplitSource:
         split = {"train": "train", "val": "val", "test": "test", "predict": "val"}[stage]
@@ -137,15 +156,24 @@ class MLLMDataModule(L.LightningDataModule):
         """Write the synthetic set once (rank 0); real data is only read."""
         if self.synthetic is None:
             return
-        manifest = Path(self.synthetic.dir) / "synthetic_manifest.json"
+        s = self.synthetic
+        manifest = Path(s.dir) / "synthetic_manifest.json"
         if manifest.exists():
-            return
+            if s.matches(json.loads(manifest.read_text())):
+                return
+            log.warning("%s was written with other settings: writing it again", s.dir)
         from lit_mllm.data.synthetic import generate_synthetic_dataset
 
-        s = self.synthetic
         log.info("writing the synthetic data set to %s", s.dir)
         generate_synthetic_dataset(
-            s.dir, s.num_train, s.num_val, s.num_test, seed=s.seed, image_size=s.image_size
+            s.dir,
+            s.num_train,
+            s.num_val,
+            s.num_test,
+            seed=s.seed,
+            image_size=s.image_size,
+            max_shapes=s.max_shapes,
+            jitter=s.jitter,
         )
         if s.num_val > 1:
             try:  # the human baseline printed next to the model's scores; needs Java
