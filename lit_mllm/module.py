@@ -52,6 +52,7 @@ class EncoderConfig:
     model_kwargs: dict[str, Any] | None = field(default_factory=lambda: dict(TINY_ENCODER_KWARGS))
     feature_layer: int = -1
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    sincos_pos_embed: bool = False  # random-init ViTs: fixed 2D sin-cos positions
 
 
 @dataclass
@@ -164,6 +165,7 @@ class MLLMModule(L.LightningModule):
             model_kwargs=enc.model_kwargs,
             feature_layer=enc.feature_layer,
             dtype=enc.dtype,
+            sincos_pos_embed=enc.sincos_pos_embed,
         )
         dec = self.decoder_cfg
         decoder_model = build_decoder(

@@ -190,3 +190,16 @@ def test_bad_arguments():
         VisionEncoder(model_name="vit_does_not_exist")
     with pytest.raises(ValueError, match="out of range"):
         VisionEncoder(model_kwargs=TINY, feature_layer=4)
+
+
+def test_sincos_position_table_for_random_encoders() -> None:
+    """The random table (std 0.02) is replaced by the fixed 2D sin-cos one; prefix rows zero."""
+    from lit_mllm.models.resampler import sincos_pos_embed_2d
+
+    enc = VisionEncoder(model_kwargs=TINY, sincos_pos_embed=True)
+    table = enc.model.pos_embed[0]
+    assert torch.equal(table[0], torch.zeros(192))  # the class token's row
+    assert torch.allclose(table[1:], sincos_pos_embed_2d(192, (8, 8)).reshape(64, 192))
+    assert not enc.model.pos_embed.requires_grad
+    with pytest.raises(ValueError, match="sincos_pos_embed"):
+        VisionEncoder("resnet18", model_kwargs={}, sincos_pos_embed=True)

@@ -210,6 +210,10 @@ class VisionEncoder(nn.Module):
         feature_layer: -1 = final normed output, other = that block's output (see module doc).
         dtype: dtype of the weights and of the returned features.
         allow_download: let ``pretrained=True`` download missing weights from the hub.
+        sincos_pos_embed: for random-init ViTs: replace the random learned position table
+            (std 0.02, so the features barely say where a patch is) by a fixed 2D sin-cos table
+            (as in MAE). Pretrained encoders have learned positions; a random tiny one needs
+            this for captions that say where things are.
     """
 
     def __init__(
@@ -221,6 +225,7 @@ class VisionEncoder(nn.Module):
         feature_layer: int = -1,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         allow_download: bool = False,
+        sincos_pos_embed: bool = False,
     ) -> None:
         super().__init__()
         if dtype not in _DTYPES:
@@ -240,6 +245,8 @@ class VisionEncoder(nn.Module):
         self._check_feature_layer()
         if weights is not None:
             _load_weights(self.model, weights, model_name)
+        elif sincos_pos_embed:
+            self._set_sincos_pos_embed()
 
         self.model.to(_DTYPES[dtype])
         self.requires_grad_(False)
@@ -256,6 +263,23 @@ class VisionEncoder(nn.Module):
             if "dynamic_img" not in str(err):
                 raise ValueError(f"timm.create_model({model_name!r}) failed: {err}") from None
         return timm.create_model(model_name, pretrained=False, **{**base, **kwargs})
+
+    def _set_sincos_pos_embed(self) -> None:
+        from lit_mllm.models.resampler import sincos_pos_embed_2d
+
+        table = getattr(self.model, "pos_embed", None)
+        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+        if not isinstance(table, nn.Parameter) or grid is None:
+            raise ValueError(
+                f"sincos_pos_embed needs a ViT with a learned `pos_embed` table; "
+                f"timm model {self.model_name!r} has none"
+            )
+        patches = int(grid[0]) * int(grid[1])
+        prefix = table.shape[1] - patches  # class/register tokens, when they carry positions
+        sincos = sincos_pos_embed_2d(table.shape[-1], (int(grid[0]), int(grid[1])))
+        with torch.no_grad():
+            table[:, prefix:] = sincos.reshape(1, patches, -1).to(table.dtype)
+            table[:, :prefix] = 0.0
 
     def _check_feature_layer(self) -> None:
         if self.feature_layer == -1:
