@@ -725,7 +725,76 @@ class RowReport:
     final: Measurement | None
     probes: list[Measurement] = field(default_factory=list)
     generation: GenResult | None = None
+    profile: str | None = None
     seconds: float = 0.0
+
+
+KERNEL_GROUPS = (  # (group, name fragments), first match wins; lower-case
+    ("attention (flash / SDPA)", ("flash", "fmha", "attention")),
+    ("matmul (GEMM)", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul", "wgmma")),
+    ("optimizer (AdamW)", ("adam", "multi_tensor")),
+    ("compiled fused elementwise (triton)", ("triton",)),
+    ("cross-entropy / softmax", ("softmax", "cross_entropy", "nll", "log_softmax")),
+    ("copies / casts", ("copy", "memcpy", "memset", "cat", "fill")),
+)
+
+
+def profile_training(trainee: Trainee, stream: SampleStream, batch_size: int, steps: int) -> str:
+    """torch.profiler over ``steps`` training steps: GPU busy share of wall time, kernel time by
+    group and the top kernels, to say what holds MFU back."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = [trainee.collate(stream.batch(i, batch_size, warmup=False)) for i in range(steps)]
+    trainee.step(batches[0])  # warm: no compile or allocator growth inside the window
+    _sync(trainee.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for batch in batches:
+            trainee.step(batch)
+        _sync(trainee.device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    # GPU-side user annotations ("Optimizer.step#AdamW.step", "ProfilerStep#") span kernels
+    # that are listed on their own: leave them out so no time is counted twice
+    kernels = [
+        e
+        for e in prof.key_averages()
+        if e.device_type == DeviceType.CUDA
+        and not e.key.startswith(("Optimizer.", "ProfilerStep"))
+        and "#" not in e.key
+    ]
+
+    def self_us(event: Any) -> float:
+        return float(getattr(event, "self_device_time_total", 0.0) or 0.0)
+
+    total = sum(self_us(e) for e in kernels)
+    groups: dict[str, float] = {}
+    for event in kernels:
+        name = event.key.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + self_us(event)
+    lines = [
+        f"{_row_label_name(trainee)}, {trainee.decoder_key}, micro-batch {batch_size}, {steps} "
+        f"profiled steps: wall {wall_us / 1e3 / steps:.1f} ms/step, GPU kernels "
+        f"{total / 1e3 / steps:.1f} ms/step (**GPU busy {100 * total / wall_us:.1f} %** of wall)",
+        "",
+        "| kernel group | ms/step | share of kernel time |",
+        "|---|---|---|",
+    ]
+    for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {group} | {us / 1e3 / steps:.1f} | {100 * us / max(total, 1):.1f} % |")
+    lines += ["", "| top kernels | ms/step | calls/step |", "|---|---|---|"]
+    for event in sorted(kernels, key=self_us, reverse=True)[:12]:
+        name = event.key if len(event.key) <= 90 else event.key[:87] + "..."
+        name = name.replace("|", "/")
+        lines.append(
+            f"| `{name}` | {self_us(event) / 1e3 / steps:.2f} | {event.count / steps:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _row_label_name(trainee: Trainee) -> str:
+    return "baseline" if trainee.row == "baseline" else f"lit-mllm {trainee.connector}"
 
 
 def _best(results: Sequence[Measurement]) -> Measurement | None:
@@ -870,6 +939,9 @@ def run_row(
             report.final = final
             if final.ok:
                 break
+        final = report.final
+        if args.profile_steps > 0 and final is not None and final.ok and device.type == "cuda":
+            report.profile = profile_training(trainee, stream, final.batch_size, args.profile_steps)
         if args.gen_batches > 0:
             report.generation = measure_generation(
                 trainee, stream, args.gen_batch_size, args.gen_batches, args.gen_tokens
@@ -1055,6 +1127,12 @@ def render_report(
             ]
         )
     lines += _table(TRAIN_COLUMNS, rows)
+
+    profiles = [r.profile for r in reports if r.profile]
+    if profiles:
+        lines += ["", "## Where the step time goes (torch.profiler)", ""]
+        for text in profiles:
+            lines += [text, ""]
 
     gens = [r.generation for r in reports if r.generation is not None]
     if gens:
@@ -1248,6 +1326,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="skip rows that would end after this many seconds (GPU default 540; 0 = none)",
+    )
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after each row's final run, profile this many steps (CUDA; 0 = off)",
     )
     p.add_argument(
         "--text-tokens",
