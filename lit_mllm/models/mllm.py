@@ -37,16 +37,20 @@ class MultimodalLM(nn.Module):
 
     def compile_blocks(self, on: bool = True) -> None:
         """Regional ``torch.compile``: every decoder layer (dynamic shapes, since packed rows
-        change length each step) and encoder block, each compiled once and reused. Compiling
-        whole blocks instead of the model keeps compile time short and graph breaks
-        (generation, hooks, LoRA) outside; ``on=False`` restores the eager modules."""
+        change length each step) and encoder block. Compiling whole blocks instead of the model
+        keeps compile time short and graph breaks (generation, hooks, LoRA) outside.
+        ``on=False`` makes the blocks eager; turning them on again reuses the compiled callables
+        of the first call, so toggling around validation does not compile again."""
         layers = list(self.decoder.get_decoder().layers)
         blocks = list(getattr(self.encoder.model, "blocks", []))
         for module, dynamic in [(m, True) for m in layers] + [(b, False) for b in blocks]:
-            if on:
-                module.compile(dynamic=dynamic)
-            else:
+            if not on:
                 module._compiled_call_impl = None
+                continue
+            if getattr(module, "_lit_compiled_call", None) is None:
+                module.compile(dynamic=dynamic)
+                module._lit_compiled_call = module._compiled_call_impl
+            module._compiled_call_impl = module._lit_compiled_call
 
     @property
     def blocks_compiled(self) -> bool:
