@@ -739,9 +739,10 @@ KERNEL_GROUPS = (  # (group, name fragments), first match wins; lower-case
 )
 
 
-def profile_training(trainee: Trainee, stream: SampleStream, batch_size: int, steps: int) -> str:
-    """torch.profiler over ``steps`` training steps: GPU busy share of wall time, kernel time by
-    group and the top kernels, to say what holds MFU back."""
+def profile_training(trainee: Trainee, stream: SampleStream, final: Measurement, steps: int) -> str:
+    """torch.profiler over ``steps`` training steps at the row's final micro-batch: GPU busy
+    share of wall time, kernel time by group and the top kernels, to say what holds MFU back."""
+    batch_size = final.batch_size
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -754,14 +755,10 @@ def profile_training(trainee: Trainee, stream: SampleStream, batch_size: int, st
             trainee.step(batch)
         _sync(trainee.device)
         wall_us = (time.perf_counter() - start) * 1e6
-    # GPU-side user annotations ("Optimizer.step#AdamW.step", "ProfilerStep#") span kernels
+    # GPU-side user annotations ("Optimizer.step#AdamW.step", "ProfilerStep#3") span kernels
     # that are listed on their own: leave them out so no time is counted twice
     kernels = [
-        e
-        for e in prof.key_averages()
-        if e.device_type == DeviceType.CUDA
-        and not e.key.startswith(("Optimizer.", "ProfilerStep"))
-        and "#" not in e.key
+        e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and "#" not in e.key
     ]
 
     def self_us(event: Any) -> float:
@@ -774,7 +771,7 @@ def profile_training(trainee: Trainee, stream: SampleStream, batch_size: int, st
         group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
         groups[group] = groups.get(group, 0.0) + self_us(event)
     lines = [
-        f"{_row_label_name(trainee)}, {trainee.decoder_key}, micro-batch {batch_size}, {steps} "
+        f"{_row_label(final)}, {final.decoder}, micro-batch {batch_size}, {steps} "
         f"profiled steps: wall {wall_us / 1e3 / steps:.1f} ms/step, GPU kernels "
         f"{total / 1e3 / steps:.1f} ms/step (**GPU busy {100 * total / wall_us:.1f} %** of wall)",
         "",
@@ -791,10 +788,6 @@ def profile_training(trainee: Trainee, stream: SampleStream, batch_size: int, st
             f"| `{name}` | {self_us(event) / 1e3 / steps:.2f} | {event.count / steps:.0f} |"
         )
     return "\n".join(lines)
-
-
-def _row_label_name(trainee: Trainee) -> str:
-    return "baseline" if trainee.row == "baseline" else f"lit-mllm {trainee.connector}"
 
 
 def _best(results: Sequence[Measurement]) -> Measurement | None:
@@ -941,7 +934,7 @@ def run_row(
                 break
         final = report.final
         if args.profile_steps > 0 and final is not None and final.ok and device.type == "cuda":
-            report.profile = profile_training(trainee, stream, final.batch_size, args.profile_steps)
+            report.profile = profile_training(trainee, stream, final, args.profile_steps)
         if args.gen_batches > 0:
             report.generation = measure_generation(
                 trainee, stream, args.gen_batch_size, args.gen_batches, args.gen_tokens
@@ -1337,7 +1330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-tokens",
         default=None,
         help="text length distribution as MIN,MEDIAN,MAX (default 64,200,1024; tiny 8,20,64), "
-        "e.g. 32,48,96 to match the synthetic captions of `lit-mllm fit`",
+        "e.g. 20,34,71 to match the synthetic captions of `lit-mllm fit`",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="micro sizes, CPU-friendly smoke run")
@@ -1375,6 +1368,13 @@ def resolve_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if dec not in REAL.decoders:
             raise ValueError(f"--decoders: unknown decoder {dec!r}; expected {list(REAL.decoders)}")
     args.batch_sizes = parse_batch_sizes(args.batch_sizes, tiny)
+    if args.text_tokens:
+        lengths = tuple(int(v) for v in _csv(args.text_tokens))
+        if len(lengths) != 3 or not 0 < lengths[0] <= lengths[1] <= lengths[2]:
+            raise ValueError(
+                f"--text-tokens: need MIN,MEDIAN,MAX with 0 < MIN <= MEDIAN <= MAX, got {args.text_tokens}"
+            )
+        args.text_tokens = lengths
     if args.steps < 1 or args.probe_steps < 1:
         raise ValueError("--steps and --probe-steps must be at least 1")
     return args
@@ -1401,11 +1401,7 @@ def _run(args: argparse.Namespace, cuda: bool, argv: Sequence[str] | None) -> st
     device = torch.device("cuda" if cuda else "cpu")
     sizes = TINY if args.tiny else REAL
     if args.text_tokens:
-        low, median, high = (int(v) for v in _csv(args.text_tokens))
-        if not 0 < low <= median <= high:
-            raise ValueError(
-                f"--text-tokens: need 0 < MIN <= MEDIAN <= MAX, got {args.text_tokens}"
-            )
+        low, median, high = args.text_tokens
         sizes = replace(sizes, text_min=low, text_median=median, text_max=high)
     torch.manual_seed(args.seed)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
