@@ -57,19 +57,18 @@ class SyntheticData:
 
     def matches(self, manifest: dict[str, Any]) -> bool:
         """Whether a written set (its manifest) was made with these settings."""
-        from lit_mllm.data.synthetic import SYNTHETIC_VERSION
+        from lit_mllm.data.synthetic import manifest_settings
 
-        wanted = {"train": self.num_train, "val": self.num_val}
-        if self.num_test:
-            wanted["test"] = self.num_test
-        return (
-            manifest.get("version") == SYNTHETIC_VERSION
-            and manifest.get("seed") == self.seed
-            and manifest.get("image_size") == self.image_size
-            and manifest.get("max_shapes") == self.max_shapes
-            and manifest.get("jitter") == self.jitter
-            and manifest.get("counts") == wanted
+        wanted = manifest_settings(
+            self.num_train,
+            self.num_val,
+            self.num_test,
+            self.seed,
+            self.image_size,
+            self.max_shapes,
+            self.jitter,
         )
+        return all(manifest.get(key) == value for key, value in wanted.items())
 
     def source(self, stage: Stage) -> SplitSource:
         split = {"train": "train", "val": "val", "test": "test", "predict": "val"}[stage]

@@ -200,16 +200,23 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 MAX_SHAPES = 3
 
 
+def _check_max_shapes(max_shapes: int) -> None:
+    if not 1 <= max_shapes <= MAX_SHAPES:
+        raise ValueError(f"max_shapes must be in 1..{MAX_SHAPES}, got {max_shapes}")
+
+
 def sample_scene(
-    rng: np.random.Generator, image_size: int = 64, max_shapes: int = 3, jitter: bool = True
+    rng: np.random.Generator,
+    image_size: int = 64,
+    max_shapes: int = MAX_SHAPES,
+    jitter: bool = True,
 ) -> Scene:
     """Draw 1..max_shapes shapes of distinct kinds into distinct grid cells (never overlapping).
 
     ``jitter`` moves each shape randomly inside its cell; without it every shape sits at its
     cell's centre, so a kind always looks the same (an easier task for tiny random encoders).
     """
-    if not 1 <= max_shapes <= MAX_SHAPES:
-        raise ValueError(f"max_shapes must be in 1..{MAX_SHAPES}, got {max_shapes}")
+    _check_max_shapes(max_shapes)
     n = 1 + int(rng.integers(max_shapes))
     kinds = [KINDS[i] for i in rng.permutation(len(KINDS))[:n]]
     cells = [divmod(int(c), GRID) for c in rng.permutation(GRID * GRID)[:n]]
@@ -289,7 +296,7 @@ def relation_key(a: Shape, b: Shape) -> tuple[int, int]:
     return _sign(a.row - b.row), _sign(a.col - b.col)
 
 
-def _pick_habit(rng: np.random.Generator, seq: Sequence[T], p_first: float = 0.5) -> T:
+def _pick_habit(rng: np.random.Generator, seq: Sequence[T], p_first: float) -> T:
     """The first wording with probability ``p_first``, else any other one: a phrasing most
     writers share, and personal variants that few share (as in human caption sets)."""
     if len(seq) == 1 or rng.random() < p_first:
@@ -632,8 +639,7 @@ def generate_synthetic_dataset(
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     if image_size < 24:
         raise ValueError(f"image_size must be >= 24 pixels, got {image_size}")
-    if not 1 <= max_shapes <= MAX_SHAPES:
-        raise ValueError(f"max_shapes must be in 1..{MAX_SHAPES}, got {max_shapes}")
+    _check_max_shapes(max_shapes)  # here too: fail before any worker starts
     counts = {"train": int(num_train), "val": int(num_val), "test": int(num_test)}
     if any(v < 0 for v in counts.values()) or counts["train"] + counts["val"] == 0:
         raise ValueError(f"need non-negative counts and at least one train or val image: {counts}")
@@ -669,13 +675,8 @@ def generate_synthetic_dataset(
         _write_split(out, split, recs, image_size)
     manifest = {
         "name": "lit-mllm synthetic shapes",
-        "version": SYNTHETIC_VERSION,
-        "seed": int(seed),
-        "image_size": int(image_size),
+        **manifest_settings(num_train, num_val, num_test, seed, image_size, max_shapes, jitter),
         "image_format": image_format,
-        "max_shapes": int(max_shapes),
-        "jitter": bool(jitter),
-        "counts": {s: counts[s] for s in splits},
         "captions_per_image": NUM_CAPTIONS,
         "kinds": list(KINDS),
         "colours": list(COLOURS),
@@ -689,6 +690,30 @@ def generate_synthetic_dataset(
         "workers": n_workers,
         "seconds": round(time.perf_counter() - t0, 3),
         "manifest": str(out / "synthetic_manifest.json"),
+    }
+
+
+def manifest_settings(
+    num_train: int,
+    num_val: int,
+    num_test: int,
+    seed: int,
+    image_size: int,
+    max_shapes: int,
+    jitter: bool,
+) -> dict[str, Any]:
+    """The manifest fields that decide what a set holds (a test split only when it has images):
+    a manifest with all of them was written with these settings."""
+    counts = {"train": int(num_train), "val": int(num_val)}
+    if num_test:
+        counts["test"] = int(num_test)
+    return {
+        "version": SYNTHETIC_VERSION,
+        "seed": int(seed),
+        "image_size": int(image_size),
+        "max_shapes": int(max_shapes),
+        "jitter": bool(jitter),
+        "counts": counts,
     }
 
 
