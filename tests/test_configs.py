@@ -131,11 +131,12 @@ def test_tiny_with_cpu_preset_instantiates_and_keeps_the_recipe_callbacks(tmp_pa
     assert isinstance(cli.trainer.strategy, SingleDeviceStrategy)
     assert cli.trainer.strategy.root_device.type == "cpu"
     assert cli.trainer.precision == "32-true"
-    assert cli.trainer.max_steps == 600  # from tiny.yaml: the preset only sets what it names
+    assert cli.trainer.max_steps == 640  # from tiny.yaml: the preset only sets what it names
     assert cli.trainer.gradient_clip_val == 1.0
     assert cli.trainer.checkpoint_callback.monitor == "val/CIDEr"
-    assert isinstance(cli.model, MLLMModule) and cli.model.num_image_tokens == 16
-    assert _count(cli.model) == 5_625_280
+    assert isinstance(cli.model, MLLMModule)
+    assert cli.model.num_image_tokens == 9  # one MLP token per 24 px patch
+    assert _count(cli.model) == 5_641_344
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
