@@ -133,7 +133,7 @@ def test_fit_with_skip_counts_each_fault_exactly_and_trains_every_good_sample(
     trainer.fit(module, datamodule)
 
     assert trainer.global_step > 0
-    assert dict(datamodule.skipped_at_load) == truth["expected_skipped_at_load"]
+    assert dict(datamodule.skipped_at_load["train"]) == truth["expected_skipped_at_load"]
     report = json.loads((tmp_path / "skipped_train.json").read_text())
     assert report["skipped_samples"] == truth["expected_skipped_train"]
     assert report["skipped_at_load"] == truth["expected_skipped_at_load"]
@@ -274,6 +274,11 @@ def test_skip_counts_stay_per_stage_when_validating(corpus, synthetic, tmp_path)
     trainer.fit(module, datamodule)
     report = json.loads((tmp_path / "skipped_train.json").read_text())
     assert report["skipped_samples"] == truth["expected_skipped_train"]
+    assert report["skipped_at_load"] == truth["expected_skipped_at_load"]
+    # the val file is clean: its report must not carry the train file's load-time faults (#15.8)
+    assert not (tmp_path / "skipped_val.json").exists()
+    assert datamodule.skipped_at_load["val"] == {}
+    assert dict(datamodule.skipped_at_load["train"]) == truth["expected_skipped_at_load"]
 
 
 @pytest.fixture(scope="module")
