@@ -15,6 +15,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -372,6 +373,18 @@ def test_pils_own_bomb_error_counts_under_the_same_reason(tmp_path) -> None:
         load_rgb_image(str(bomb), max_pixels=10**9)
     assert info.value.reason == "image_too_large"
     assert _peak_rss_mib() - before < 100
+
+
+def test_pils_bomb_warning_raised_as_an_error_is_counted_too(tmp_path) -> None:
+    """Under ``-W error`` PIL's warning is an exception that is no OSError: still a bad image."""
+    from PIL import Image
+
+    image = _bomb_png(tmp_path / "big.png", 12000, 12000)  # between PIL's limit and twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(BadImageError, match="PIL refused it") as info:
+            load_rgb_image(str(image), max_pixels=200_000_000)  # allowed by our own limit
+    assert info.value.reason == "image_too_large"
 
 
 def test_importing_the_data_side_leaves_pils_limit_alone() -> None:

@@ -33,9 +33,9 @@ def load_rgb_image(
 
     Decompression bombs: the size in the header (``Image.open`` reads only the header) is checked
     against ``max_pixels`` *before* anything is decoded, so a 50 kB file claiming 20000x20000 px
-    costs nothing. PIL's own bomb check (which raises at twice its process-wide limit) is
-    reported under the same reason, and the decoded size is checked again for formats whose
-    pixels differ from their header.
+    costs nothing. PIL's own bomb check (an error at twice its process-wide limit, a warning
+    above it that ``-W error`` turns into an exception) is reported under the same reason, and
+    the decoded size is checked again for formats whose pixels differ from their header.
     """
     try:
         with Image.open(path) as image:
@@ -56,7 +56,9 @@ def load_rgb_image(
         raise
     except FileNotFoundError as error:
         raise BadImageError(path, "missing_image", "file not found") from error
-    except Image.DecompressionBombError as error:  # before OSError/ValueError: it is neither
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # PIL's own check: an error over twice its limit, or its warning where warnings are
+        # errors (``-W error``); neither is an OSError, so each would otherwise escape uncounted
         raise BadImageError(
             path, "image_too_large", f"PIL refused it as a decompression bomb: {error}"
         ) from error
