@@ -261,8 +261,8 @@ class MLLMDataModule(L.LightningDataModule):
         token: otherwise every sample is dropped as ``no_supervised_tokens`` and the run "works".
 
         Caption sources share one prompt, so their minimum is exact. For LLaVA data the probe is
-        the shortest possible sample: an empty question with the first record's image count
-        (0 or 1), so the check never refuses a length some real sample fits in.
+        the shortest sample shaped like the first record: an empty question with as many images
+        as it has, up to one. A max_length below that drops every such sample.
         """
         source = self.sources[split]
         if source is None or len(samples) == 0:

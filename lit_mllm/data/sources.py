@@ -189,12 +189,20 @@ def _read_json(path: str) -> Any:
 def _cache_path(
     cache_dir: str | Path, kind: str, path: str, image_root: str | Path, options: dict
 ) -> Path:
-    """Cache file keyed on the source's real path, size, mtime, the root and all options."""
+    """Cache file keyed on the reader's rules, the source's real path, size, mtime, the root and
+    all options."""
     st = os.stat(path)
     key = json.dumps(
-        [STORE_FORMAT_VERSION, _READER_RULES, kind, os.path.realpath(path), st.st_size]
-        + [st.st_mtime_ns]
-        + [os.path.realpath(image_root), options],
+        [
+            STORE_FORMAT_VERSION,
+            _READER_RULES,
+            kind,
+            os.path.realpath(path),
+            st.st_size,
+            st.st_mtime_ns,
+            os.path.realpath(image_root),
+            options,
+        ],
         sort_keys=True,
     )
     digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
