@@ -604,7 +604,8 @@ class MLLMModule(L.LightningModule):
         """Dropped samples are counted, logged and written next to the logs: none vanish."""
         skipped = dict(self.skipped[stage])
         dm = getattr(self.trainer, "datamodule", None)
-        at_load = dict(getattr(dm, "skipped_at_load", {}) or {})
+        # only this stage's file: {stage: {reason: count}} (the val report once showed train's)
+        at_load = dict((getattr(dm, "skipped_at_load", None) or {}).get(stage) or {})
         gathered = self.all_gather_counts(skipped)  # a collective: every rank calls it
         if not gathered and not at_load:
             return

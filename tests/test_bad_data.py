@@ -9,6 +9,14 @@ error naming the file, the sample and the reason.
 from __future__ import annotations
 
 import json
+import re
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -126,7 +134,7 @@ def test_fit_with_skip_counts_each_fault_exactly_and_trains_every_good_sample(
     trainer.fit(module, datamodule)
 
     assert trainer.global_step > 0
-    assert dict(datamodule.skipped_at_load) == truth["expected_skipped_at_load"]
+    assert dict(datamodule.skipped_at_load["train"]) == truth["expected_skipped_at_load"]
     report = json.loads((tmp_path / "skipped_train.json").read_text())
     assert report["skipped_samples"] == truth["expected_skipped_train"]
     assert report["skipped_at_load"] == truth["expected_skipped_at_load"]
@@ -153,15 +161,12 @@ def test_fit_with_error_stops_at_the_first_fault_met_in_training(synthetic, tmp_
     module = MLLMModule(**MICRO)
     with pytest.raises((ConversationError, BadImageError)) as info:
         _trainer(tmp_path, []).fit(module, datamodule)
-    # the first raising fault in the training order (over-long samples are always dropped)
+    # the first fault in the training order (a reply truncated away is one too)
     store = datamodule.datasets["train"].samples
     order = ResumableSampler(len(store), seed=datamodule.seed).global_order(0)
     record = {r["id"]: r for r in truth["records"]}
     first = next(
-        record[store[i].sample_id]
-        for i in order
-        if record[store[i].sample_id]["stage"] == "train"
-        and record[store[i].sample_id]["reason"] != "no_supervised_tokens"
+        record[store[i].sample_id] for i in order if record[store[i].sample_id]["stage"] == "train"
     )
     message = str(info.value)
     assert info.value.reason == first["reason"]
@@ -212,9 +217,6 @@ def test_fault_found_when_building_the_sample(
     strict = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="error")
     bad = [i for i in range(len(store)) if store[i].sample_id.startswith(f"{kind}-")]
     assert len(bad) == count
-    if reason == "no_supervised_tokens":  # always dropped and counted, never an error
-        assert strict[bad[0]] == {"skipped": reason, "sample_id": store[bad[0]].sample_id}
-        return
     with pytest.raises((ConversationError, BadImageError)) as info:
         strict[bad[0]]
     assert info.value.reason == reason
@@ -273,6 +275,11 @@ def test_skip_counts_stay_per_stage_when_validating(corpus, synthetic, tmp_path)
     trainer.fit(module, datamodule)
     report = json.loads((tmp_path / "skipped_train.json").read_text())
     assert report["skipped_samples"] == truth["expected_skipped_train"]
+    assert report["skipped_at_load"] == truth["expected_skipped_at_load"]
+    # the val file is clean: its report must not carry the train file's load-time faults (#15.8)
+    assert not (tmp_path / "skipped_val.json").exists()
+    assert datamodule.skipped_at_load["val"] == {}
+    assert dict(datamodule.skipped_at_load["train"]) == truth["expected_skipped_at_load"]
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +313,153 @@ def test_resumed_epoch_still_counts_every_fault(corpus, stopped_and_resumed) -> 
     root, _, _ = stopped_and_resumed
     report = json.loads((root / "skipped_train.json").read_text())
     assert report["skipped_samples"] == truth["expected_skipped_train"]
+
+
+# -- decompression bombs (#15.3) ------------------------------------------------------------------
+def _bomb_png(path: Path, width: int, height: int) -> Path:
+    """A 1-bit palette PNG of ``width`` x ``height`` zero pixels, written without decoding anything:
+    rows are fed to zlib in slices, so memory stays at one slice."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed 1-bit pixels
+    packer = zlib.compressobj(9)
+    rows_per_slice = max(1, (1 << 21) // len(row))
+    idat = []
+    for start in range(0, height, rows_per_slice):
+        idat.append(packer.compress(row * min(rows_per_slice, height - start)))
+    idat.append(packer.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 3, 0, 0, 0)  # 1 bit, palette
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"PLTE", b"\x00\x00\x00")
+    path.write_bytes(png + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b""))
+    return path
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_is_refused_from_its_header(tmp_path) -> None:
+    # 144 MP: over the default limit (PIL's ~89 MP) but under the 2x at which PIL itself raises,
+    # so only the header check stands between this file and a 144 MB + 432 MB (RGB) decode
+    bomb = _bomb_png(tmp_path / "bomb.png", 12000, 12000)
+    assert bomb.stat().st_size < 100_000
+    before = _peak_rss_mib()
+    with pytest.raises(BadImageError) as info:
+        load_rgb_image(str(bomb))
+    assert info.value.reason == "image_too_large"
+    assert "12000x12000" in str(info.value) and "data.max_image_pixels" in str(info.value)
+    assert _peak_rss_mib() - before < 100  # refused from the header: nothing was decoded
+
+
+def test_image_over_a_configured_limit_is_refused_under_pils_own(tmp_path) -> None:
+    image = _bomb_png(tmp_path / "wide.png", 3000, 1000)  # 3 MP: PIL alone would decode it
+    with pytest.raises(BadImageError, match=r"3000x1000 = 3,000,000 px is over") as info:
+        load_rgb_image(str(image), max_pixels=2_000_000)
+    assert info.value.reason == "image_too_large"
+    assert load_rgb_image(str(image), max_pixels=3_000_000).size == (3000, 1000)
+
+
+def test_pils_own_bomb_error_counts_under_the_same_reason(tmp_path) -> None:
+    """A limit set above PIL's cannot switch its check off: PIL refuses > 2x its limit itself."""
+    bomb = _bomb_png(tmp_path / "bomb.png", 20000, 20000)  # 400 MP in under 100 kB
+    assert bomb.stat().st_size < 100_000
+    before = _peak_rss_mib()
+    with pytest.raises(BadImageError, match="PIL refused it as a decompression bomb") as info:
+        load_rgb_image(str(bomb), max_pixels=10**9)
+    assert info.value.reason == "image_too_large"
+    assert _peak_rss_mib() - before < 100
+
+
+def test_pils_bomb_warning_raised_as_an_error_is_counted_too(tmp_path) -> None:
+    """Under ``-W error`` PIL's warning is an exception that is no OSError: still a bad image."""
+    from PIL import Image
+
+    image = _bomb_png(tmp_path / "big.png", 12000, 12000)  # between PIL's limit and twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(BadImageError, match="PIL refused it") as info:
+            load_rgb_image(str(image), max_pixels=200_000_000)  # allowed by our own limit
+    assert info.value.reason == "image_too_large"
+
+
+def test_importing_the_data_side_leaves_pils_limit_alone() -> None:
+    code = (
+        "from PIL import Image; before = Image.MAX_IMAGE_PIXELS; "
+        "import lit_mllm.data.datamodule, lit_mllm.data.transforms, lit_mllm.cli; "
+        "print(before, Image.MAX_IMAGE_PIXELS)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after = out.stdout.split()
+    assert before == after
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bomb_in_a_dataset_is_counted_or_named(tmp_path, synthetic, conversation_tokenizer) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    shutil.copyfile(next((synthetic / "images" / "train").glob("*.png")), root / "good.png")
+    _bomb_png(root / "bomb.png", 12000, 12000)
+    reply = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Shapes."}]
+    records = [
+        {"id": "ok", "image": "good.png", "conversations": reply},
+        {"id": "bomb-1", "image": "bomb.png", "conversations": reply},
+    ]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    store = load_llava(path, root)
+    transform = build_image_transform(DATA_CONFIG)
+    skipping = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="skip")
+    assert "skipped" not in skipping[0]
+    assert skipping[1] == {"skipped": "image_too_large", "sample_id": "bomb-1"}
+    strict = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="error")
+    with pytest.raises(BadImageError) as info:
+        strict[1]
+    message = str(info.value)
+    assert info.value.reason == "image_too_large"
+    assert str(root / "bomb.png") in message and "bomb-1" in message and str(path) in message
+    assert "12000x12000" in message
+    # the limit is a DataModule option and reaches the dataset
+    small = MLLMDataset(
+        store, conversation_tokenizer, transform, on_bad_sample="skip", max_image_pixels=100
+    )
+    assert small[0] == {"skipped": "image_too_large", "sample_id": "ok"}
+
+
+# -- a sample whose replies are all truncated away (#15.4) ----------------------------------------
+def test_reply_truncated_away_is_an_error_or_counted(
+    tmp_path, synthetic, conversation_tokenizer
+) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    shutil.copyfile(next((synthetic / "images" / "train").glob("*.png")), root / "a.png")
+    question = "<image>\nRead this: " + " ".join(["circle"] * (MAX_LENGTH + 50))
+    records = [
+        {"id": "ok", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Shapes."}]},
+        {"id": "long-7", "image": "a.png", "conversations": [
+            {"from": "human", "value": question}, {"from": "gpt", "value": "Shapes."}]},
+    ]  # fmt: skip
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    store = load_llava(path, root)
+    transform = build_image_transform(DATA_CONFIG)
+    skipping = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="skip")
+    assert "skipped" not in skipping[0]
+    assert skipping[1] == {"skipped": "no_supervised_tokens", "sample_id": "long-7"}
+    strict = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="error")
+    assert "skipped" not in strict[0]
+    with pytest.raises(ConversationError) as info:
+        strict[1]
+    message = str(info.value)
+    assert info.value.reason == "no_supervised_tokens"
+    assert str(path) in message and "sample long-7" in message
+    full = re.search(
+        r"the sample is (\d+) tokens and its first reply starts at token (\d+)", message
+    )
+    assert full and int(full.group(1)) > int(full.group(2)) >= MAX_LENGTH
+    assert f"max_length {MAX_LENGTH}" in message and "data.max_length" in message

@@ -1,13 +1,15 @@
-"""Label masking against the real chat templates in ../shared/tokenizers (and the built-in one)."""
+"""Label masking against real chat templates (tests/fixtures/tokenizers) and the built-in one."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from tokenizer_fixtures import unpacked_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_mllm.data.chat_template import DEFAULT_CHAT_TEMPLATE
 from lit_mllm.data.conversation import (
@@ -20,7 +22,7 @@ from lit_mllm.data.conversation import (
 )
 from lit_mllm.data.special_tokens import IGNORE_INDEX, IM_END, IM_PATCH, IM_START
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+Loader = Callable[[str], PreTrainedTokenizerBase]
 TEMPLATE_TOKENIZERS = ["qwen3", "mistral-7b-instruct-v0.1", "gpt2", "tiny"]
 END_MARKER = {
     "qwen3": "<|im_end|>",
@@ -54,15 +56,26 @@ QUESTIONS = [
 ]
 
 
-def load(name: str):
-    if name == "tiny":
-        from lit_mllm.data.tokenizer import load_tokenizer
+@pytest.fixture(scope="module")
+def tokenizer_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return unpacked_tokenizers(tmp_path_factory)
 
-        return load_tokenizer("tiny")
-    tok = AutoTokenizer.from_pretrained(SHARED / name)
-    if tok.chat_template is None:
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
-    return tok
+
+@pytest.fixture(scope="module")
+def load(tokenizer_root: Path) -> Loader:
+    """A fresh tokenizer per call: tests add tokens and set pad tokens on them."""
+
+    def _load(name: str) -> PreTrainedTokenizerBase:
+        if name == "tiny":
+            from lit_mllm.data.tokenizer import load_tokenizer
+
+            return load_tokenizer("tiny")
+        tok = AutoTokenizer.from_pretrained(tokenizer_root / name)
+        if tok.chat_template is None:
+            tok.chat_template = DEFAULT_CHAT_TEMPLATE
+        return tok
+
+    return _load
 
 
 def random_conversations(n: int, seed: int = 0) -> list[tuple[list[dict], str | None]]:
@@ -105,7 +118,7 @@ def expected_reply_texts(turns: list[dict]) -> list[str]:
 
 
 @pytest.mark.parametrize("name", TEMPLATE_TOKENIZERS)
-def test_supervised_tokens_are_exactly_the_replies(name: str) -> None:
+def test_supervised_tokens_are_exactly_the_replies(name: str, load: Loader) -> None:
     tok = load(name)
     marker = END_MARKER[name]
     for index, (turns, system) in enumerate(random_conversations(60, seed=hash(name) % 1000)):
@@ -137,7 +150,7 @@ def test_supervised_tokens_are_exactly_the_replies(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", TEMPLATE_TOKENIZERS)
-def test_input_ids_equal_apply_chat_template(name: str) -> None:
+def test_input_ids_equal_apply_chat_template(name: str, load: Loader) -> None:
     tok = load(name)
     for index, (turns, system) in enumerate(random_conversations(50, seed=7)):
         conv = ConversationTokenizer(tok, num_image_tokens=3, system_prompt=system)
@@ -154,7 +167,7 @@ def test_input_ids_equal_apply_chat_template(name: str) -> None:
         assert out.input_ids.tolist() == reference, (name, index)
 
 
-def test_image_block_and_count() -> None:
+def test_image_block_and_count(load: Loader) -> None:
     tok = load("qwen3")
     out = tokenize_conversation(
         [{"from": "human", "value": "<image>\nA<image>B"}, {"from": "gpt", "value": "ok"}],
@@ -170,7 +183,7 @@ def test_image_block_and_count() -> None:
         assert ids[s + 1 : s + 8].eq(patch).all() and int(ids[s + 8]) == end
 
 
-def test_default_image_position_when_no_marker() -> None:
+def test_default_image_position_when_no_marker(load: Loader) -> None:
     tok = load("gpt2")
     out = tokenize_conversation(
         [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "A cat."}],
@@ -182,7 +195,7 @@ def test_default_image_position_when_no_marker() -> None:
     assert text.index(IM_START) < text.index("Describe.")
 
 
-def test_marker_image_count_mismatch_names_sample() -> None:
+def test_marker_image_count_mismatch_names_sample(load: Loader) -> None:
     tok = load("gpt2")
     with pytest.raises(ConversationError, match="sample s42.*2 <image> marker"):
         tokenize_conversation(
@@ -215,7 +228,7 @@ def test_bad_conversations_name_sample_and_turn(turns, match) -> None:
         normalize_conversation(turns, sample_id="id7")
 
 
-def test_system_prompt_default_and_own() -> None:
+def test_system_prompt_default_and_own(load: Loader) -> None:
     tok = load("qwen3")
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
     text = tok.decode(
@@ -233,7 +246,7 @@ def test_system_prompt_default_and_own() -> None:
     assert "MINE" in text and "SYS" not in text
 
 
-def test_mistral_system_prompt_is_merged_into_first_user_turn() -> None:
+def test_mistral_system_prompt_is_merged_into_first_user_turn(load: Loader) -> None:
     tok = load("mistral-7b-instruct-v0.1")
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
     out = tokenize_conversation(
@@ -243,7 +256,7 @@ def test_mistral_system_prompt_is_merged_into_first_user_turn() -> None:
     assert tok.decode(out.input_ids[out.labels != IGNORE_INDEX]) == "yo</s>"
 
 
-def test_truncation_never_splits_image_block() -> None:
+def test_truncation_never_splits_image_block(load: Loader) -> None:
     tok = load("gpt2")
     turns = [
         {"from": "human", "value": "first <image> then"},
@@ -268,7 +281,7 @@ def test_truncation_never_splits_image_block() -> None:
     assert out.num_images == 2
 
 
-def test_sample_with_nothing_supervised_after_truncation_is_rejected() -> None:
+def test_sample_with_nothing_supervised_after_truncation_is_rejected(load: Loader) -> None:
     tok = load("gpt2")
     turns = [
         {"from": "human", "value": "<image> " + "long question " * 5},
@@ -280,7 +293,7 @@ def test_sample_with_nothing_supervised_after_truncation_is_rejected() -> None:
         )
 
 
-def test_generation_prompt_matches_training_prefix() -> None:
+def test_generation_prompt_matches_training_prefix(load: Loader) -> None:
     tok = load("gpt2")
     conv = ConversationTokenizer(tok, num_image_tokens=4)
     turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A dog."}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,93 @@ def test_prepare_data_rewrites_a_set_made_with_other_settings(tmp_path: Path) ->
     assert (tmp_path / "synthetic_manifest.json").stat().st_mtime_ns == stamp
     second = prepare(max_shapes=2, jitter=False)
     assert (second["max_shapes"], second["jitter"]) == (2, False)
+
+
+# -- max_length too small for any sample (#15.4) --------------------------------------------------
+@pytest.mark.parametrize("task", ["caption", "instruct"])
+def test_max_length_below_one_sample_fails_in_setup_naming_both_numbers(
+    synthetic_dir: Path, task: str
+) -> None:
+    synthetic = SyntheticData(dir=str(synthetic_dir), num_train=96, num_val=16, task=task)
+
+    def train_only(max_length: int) -> MLLMDataModule:
+        dm = make_datamodule(synthetic_dir, synthetic=synthetic, max_length=max_length)
+        dm.sources["val"] = None  # the instruct task validates on captions, which need more
+        return dm
+
+    with pytest.raises(ValueError, match=r"data\.max_length 8 is too small") as info:
+        train_only(8).setup("fit")
+    message = str(info.value)
+    need = int(re.search(r"needs at least (\d+) tokens", message).group(1))
+    assert need > 4 + 2  # 4 image tokens + start/end + prompt/template + 1 reply token
+    assert "6 for the image block" in message and f"data.max_length >= {need}" in message
+    assert ("LLaVA sample" if task == "instruct" else "caption sample") in message
+    # the minimum is exact: that length keeps one reply token, one token less fails setup
+    tight = train_only(need)
+    tight.setup("fit")
+    train = tight.datasets["train"]
+    if task == "caption":  # one shared prompt: every sample keeps exactly its first reply token
+        for index in range(0, len(train), 97):
+            item = train[index]
+            assert len(item["input_ids"]) == need
+            assert int((item["labels"] != IGNORE_INDEX).sum()) == 1
+    with pytest.raises(ValueError, match=f"data.max_length {need - 1} is too small"):
+        train_only(need - 1).setup("fit")
+
+
+# -- numeric options are checked by name (#15.14) -------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batch_size": 0}, "data.batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": -8}, "data.batch_size must be an integer >= 1, got -8"),
+        ({"batch_size": 2.5}, "data.batch_size must be an integer >= 1, got 2.5"),
+        ({"batch_size": True}, "data.batch_size must be an integer >= 1, got True"),
+        ({"eval_batch_size": 0}, "data.eval_batch_size must be an integer >= 1 (or null), got 0"),
+        ({"max_length": 0}, "data.max_length must be an integer >= 2, got 0"),
+        ({"num_workers": -1}, "data.num_workers must be an integer >= 0, got -1"),
+        ({"val_limit": 0}, "data.val_limit must be an integer >= 1 (or null), got 0"),
+        ({"num_image_tokens": 0}, "data.num_image_tokens must be an integer >= 1 (or null), got 0"),
+        ({"max_image_pixels": 0}, "data.max_image_pixels must be an integer >= 1, got 0"),
+        ({"crop_pct": 0.0}, "data.crop_pct must be > 0 (or null), got 0.0"),
+        ({"on_bad_sample": "ignore"}, "data.on_bad_sample must be 'error' or 'skip', got 'ignore'"),
+        (
+            {"synthetic": SyntheticData(num_train=-1)},
+            "data.synthetic.num_train must be an integer >= 0, got -1",
+        ),
+        (
+            {"synthetic": SyntheticData(num_train=0, num_val=0)},
+            "data.synthetic needs num_train or num_val >= 1",
+        ),
+        (
+            {"synthetic": SyntheticData(image_size=8)},
+            "data.synthetic.image_size must be an integer >= 24, got 8",
+        ),
+        (
+            {"synthetic": SyntheticData(max_shapes=4)},
+            "data.synthetic.max_shapes must be an integer in 1..3, got 4",
+        ),
+    ],
+)
+def test_bad_numeric_options_are_refused_by_name(options: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        MLLMDataModule(**options)
+    assert message in str(info.value)
+
+
+def test_good_edge_values_are_accepted() -> None:
+    dm = MLLMDataModule(batch_size=1, num_workers=0, val_limit=1, eval_batch_size=None)
+    assert (dm.batch_size, dm.eval_batch_size, dm.num_workers) == (1, 1, 0)
+
+
+def test_cli_batch_size_zero_fails_naming_the_option(tmp_path: Path) -> None:
+    from lit_mllm.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    args = ["fit", "--config", str(config), "--data.batch_size", "0"]
+    args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run")]
+    args += ["--data.synthetic.dir", str(tmp_path / "data"), "--data.synthetic.num_train", "8"]
+    args += ["--data.synthetic.num_val", "2", "--data.num_workers", "0"]
+    with pytest.raises(ValueError, match=r"data\.batch_size must be an integer >= 1, got 0"):
+        main(args)
+    assert not (tmp_path / "data").exists()  # refused before any data was written

@@ -145,16 +145,17 @@ def test_coco_bad_image_entries(tmp_path, root):
     ]
     anns = [{"image_id": i, "id": 10 + i, "caption": "c"} for i in (1, 2, 3)]
     path = _coco(tmp_path, annotations=anns[:1], images=images[:2])
-    with pytest.raises(BadSampleError, match=r"images\[1\] \(id 'coco:1'\).*already used"):
+    with pytest.raises(BadSampleError, match=r"images\[1\] \(id 'coco:1'\).*both images\[0\]"):
         load_coco_captions(path, root)
     path = _coco(tmp_path, annotations=anns[:1] + anns[2:], images=images[:1] + images[3:])
     with pytest.raises(BadSampleError, match=r"images\[1\] \(id 'coco:3'\).*outside image_root"):
         load_coco_captions(path, root)
     path = _coco(tmp_path, annotations=anns, images=images)
     store = load_coco_captions(path, root, on_bad_sample="skip")
-    # image 2's entry is bad, so its annotation points at an unknown image
-    expected = {"duplicate_id": 1, "bad_type": 1, "unknown_image": 1, "path_escape": 1}
-    assert [s.sample_id for s in store] == ["coco:1"] and store.skipped == expected
+    # image 2's entry is bad, so its annotation points at an unknown image; image id 1 is
+    # ambiguous, so both its entries and its caption are left out
+    expected = {"duplicate_id": 3, "bad_type": 1, "unknown_image": 1, "path_escape": 1}
+    assert [s.sample_id for s in store] == [] and store.skipped == expected
 
 
 def test_coco_not_a_caption_file(tmp_path, root):
@@ -434,8 +435,8 @@ def test_path_escape_symlinks_always_refused(tmp_path, root):
                 load_llava(path, root, check_images=check)
             assert e.value.reason == "path_escape"
     ok = [
-        {"id": "ok", "image": n, "conversations": conv}
-        for n in ("inside_link.jpg", str(root / "sub/d.jpg"))
+        {"id": f"ok{k}", "image": n, "conversations": conv}
+        for k, n in enumerate(("inside_link.jpg", str(root / "sub/d.jpg")))
     ]
     store = load_llava(_write_json(tmp_path / "ok.json", ok), root)
     assert [s.image_paths for s in store] == [(_abs(root, "a.jpg"),), (_abs(root, "sub/d.jpg"),)]
@@ -551,3 +552,110 @@ def test_store_from_samples_save_load(tmp_path):
     store.save(tmp_path / "s.npz")
     loaded = SampleStore.load(tmp_path / "s.npz")
     assert list(loaded) == samples and loaded.skipped == {"bad_value": 1} and loaded.source == "mem"
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicate ids (#15.10): counted as duplicate_id or named with both positions; never merged
+
+
+def test_coco_duplicate_image_id_never_moves_a_caption_to_another_image(tmp_path, root):
+    images = [
+        {"id": 1, "file_name": "a.jpg"},
+        {"id": 2, "file_name": "b.jpg"},
+        {"id": 1, "file_name": "c.jpg"},  # the same id for another file
+    ]
+    anns = [
+        {"image_id": 1, "id": 10, "caption": "A dog."},
+        {"image_id": 2, "id": 20, "caption": "A cat."},
+        {"image_id": 1, "id": 11, "caption": "A cow."},  # written for a.jpg or c.jpg?
+    ]
+    path = _coco(tmp_path, annotations=anns, images=images)
+    with pytest.raises(BadSampleError) as e:
+        load_coco_captions(path, root)
+    msg = str(e.value)
+    assert e.value.reason == "duplicate_id" and e.value.sample_id == "coco:1"
+    assert str(path) in msg and "image id 1 is used by both images[0] and images[2]" in msg
+    for per_caption in (False, True):
+        store = load_coco_captions(
+            path, root, on_bad_sample="skip", one_sample_per_caption=per_caption
+        )
+        assert [s.image_paths for s in store] == [(_abs(root, "b.jpg"),)] * len(store)
+        assert [s.references for s in store] == [("A cat.",)] * len(store) and len(store) == 1
+        assert store.skipped == {"duplicate_id": 4}  # two image entries and their two captions
+
+
+def test_coco_duplicate_annotation_id_keeps_one_sample_per_id(tmp_path, root):
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}]
+    anns = [
+        {"image_id": 1, "id": 10, "caption": "A dog."},
+        {"image_id": 2, "id": 20, "caption": "A cat."},
+        {"image_id": 1, "id": 10, "caption": "A brown dog."},
+    ]
+    path = _coco(tmp_path, annotations=anns, images=images)
+    with pytest.raises(BadSampleError) as e:
+        load_coco_captions(path, root)
+    msg = str(e.value)
+    assert e.value.reason == "duplicate_id" and e.value.sample_id == "coco:1:10"
+    assert "annotation id 10 is used by both annotations[0] and annotations[2]" in msg
+    store = load_coco_captions(path, root, on_bad_sample="skip", one_sample_per_caption=True)
+    assert [s.sample_id for s in store] == ["coco:1:10", "coco:2:20"]
+    assert store[0].references == ("A dog.",) and store.skipped == {"duplicate_id": 1}
+
+
+def test_karpathy_duplicate_image_and_sentence_ids(tmp_path, root):
+    def image(cocoid, filename, *sentids):
+        sentences = [{"raw": f"Caption {s}.", "sentid": s} for s in sentids]
+        return {"split": "train", "filepath": "", "filename": filename, "cocoid": cocoid,
+                "sentences": sentences}  # fmt: skip
+
+    images = [
+        image(1, "a.jpg", 100, 101),
+        image(1, "b.jpg", 102),  # the image id again
+        image(2, "c.jpg", 101),  # a sentid of another image
+        image(3, "sub/d.jpg", 300, 300),  # a sentid twice in one image
+        image(4, "train2014/t1.jpg", 400),
+    ]
+    cases = {
+        1: "image id 1 is used by both images[0] and images[1]",
+        2: "sentid 101 is used by both images[0].sentences[1] and images[2].sentences[0]",
+        3: "sentid 300 is used by both images[3].sentences[0] and images[3].sentences[1]",
+    }
+    for bad, needle in cases.items():
+        path = _write_json(tmp_path / f"karpathy{bad}.json", {"images": [images[0], images[bad]]})
+        with pytest.raises(BadSampleError) as e:
+            load_karpathy(path, root, "train")
+        assert e.value.reason == "duplicate_id" and str(path) in str(e.value)
+        assert needle.replace(f"images[{bad}]", "images[1]") in str(e.value)
+    path = _write_json(tmp_path / "karpathy.json", {"images": images})
+    store = load_karpathy(path, root, "train", on_bad_sample="skip", one_sample_per_caption=True)
+    assert [s.sample_id for s in store] == ["coco:1:100", "coco:1:101", "coco:4:400"]
+    assert store.skipped == {"duplicate_id": 3}
+    assert len({s.sample_id for s in store}) == len(store)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_llava_duplicate_ids_are_named_or_counted(tmp_path, root, suffix):
+    conv = LLAVA_GOOD[0]["conversations"]
+    text = [{"from": "human", "value": "Hi"}, conv[1]]
+    records = [
+        {"id": "x", "image": "a.jpg", "conversations": conv},
+        {"id": "y", "image": "b.jpg", "conversations": conv},
+        {"id": "x", "image": "c.jpg", "conversations": conv},
+        {"id": 42, "conversations": text},
+        {"id": "42", "conversations": text},  # the same sample id as 42
+    ]
+    path = tmp_path / f"dup{suffix}"
+    if suffix == ".json":
+        _write_json(path, records)
+        first, second = "record 0", "record 2"
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+        first, second = "line 1", "line 3"
+    with pytest.raises(BadSampleError) as e:
+        load_llava(path, root)
+    assert e.value.reason == "duplicate_id" and e.value.sample_id == "x"
+    assert str(path) in str(e.value) and f"'x' is used by both {first} and {second}" in str(e.value)
+    store = load_llava(path, root, on_bad_sample="skip")
+    assert [s.sample_id for s in store] == ["x", "y", "42"]
+    assert store[0].image_paths == (_abs(root, "a.jpg"),)
+    assert store.skipped == {"duplicate_id": 2}

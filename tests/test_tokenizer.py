@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tokenizer_fixtures import unpacked_tokenizers
 from transformers import PreTrainedTokenizerBase
 
 from lit_mllm.data.chat_template import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS
@@ -13,9 +14,6 @@ from lit_mllm.data.cli import main as data_cli
 from lit_mllm.data.special_tokens import IMAGE_SPECIAL_TOKENS, add_image_tokens
 from lit_mllm.data.tokenizer import load_tokenizer, tiny_tokenizer_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/tokenizers")
 TEXTS = [
     "a small red circle to the left of a large blue square",
     "\n<|user|>\n<image>\nWhat colour is the star?\n<|assistant|>\nThe star is red.<|endoftext|>",
@@ -24,6 +22,12 @@ TEXTS = [
     "<im_start><im_patch><im_patch><im_end> tail",
     "",
 ]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real tokenizers of tests/fixtures/tokenizers, unpacked and sha256-checked."""
+    return unpacked_tokenizers(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +110,10 @@ def test_chat_template_rendering(tiny: PreTrainedTokenizerBase) -> None:
         ("mistral-7b-instruct-v0.1", "LlamaTokenizer", True),
     ],
 )
-def test_load_shared_tokenizers(folder: str, cls: str, has_own_template: bool) -> None:
-    path = SHARED / folder
-    if not path.is_dir():
-        pytest.skip(f"shared tokenizer fixture {path} not present")
+def test_load_fixture_tokenizers(
+    tokenizer_root: Path, folder: str, cls: str, has_own_template: bool
+) -> None:
+    path = tokenizer_root / folder
     tok = load_tokenizer(str(path))
     assert type(tok).__name__ == cls
     assert (tok.chat_template == DEFAULT_CHAT_TEMPLATE) is not has_own_template
@@ -121,12 +125,12 @@ def test_load_shared_tokenizers(folder: str, cls: str, has_own_template: bool) -
         assert "hi" in text and "ok" in text and "<|assistant|>" not in text
 
 
-def test_hub_id_resolved_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_id_resolved_from_cache(
+    tokenizer_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from huggingface_hub import constants
 
-    src = SHARED / "gpt2"
-    if not src.is_dir():
-        pytest.skip(f"shared tokenizer fixture {src} not present")
+    src = tokenizer_root / "gpt2"
     repo = tmp_path / "models--acme--tok"
     snap = repo / "snapshots" / "0123abcd"
     snap.mkdir(parents=True)

@@ -54,7 +54,8 @@ class ConversationError(ValueError):
 
 
 class NoSupervisedTokensError(ConversationError):
-    """Nothing left to supervise (e.g. after truncation): the sample is dropped and counted."""
+    """Nothing left to supervise (e.g. every reply truncated away): an error, or skipped and
+    counted under ``on_bad_sample="skip"`` like any other bad sample."""
 
 
 @dataclass
@@ -278,13 +279,10 @@ class ConversationTokenizer:
             sample_id=sample_id,
         )
 
-    def __call__(
-        self,
-        conversation: Sequence[Mapping[str, Any]],
-        *,
-        num_images: int = 1,
-        sample_id: str = "?",
-    ) -> TokenizedConversation:
+    def _encode(
+        self, conversation: Sequence[Mapping[str, Any]], num_images: int, sample_id: str
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Untruncated ids, labels and the token span of each supervised reply."""
         messages = self._messages(conversation, num_images, sample_id)
         messages, text = self._render_checked(messages, sample_id)
         spans = self._content_spans(messages, text)
@@ -318,7 +316,28 @@ class ConversationTokenizer:
                 cursor += 1
             labels[first:last] = input_ids[first:last]
             reply_spans.append((first, last))
+        return input_ids, labels, reply_spans
 
+    def min_length(self, conversation: Sequence[Mapping[str, Any]], *, num_images: int = 1) -> int:
+        """Tokens a ``max_length`` must allow for this conversation to keep one supervised token:
+        everything before its first reply (system prompt, template, image blocks, question) + 1.
+        """
+        _, labels, _ = self._encode(conversation, num_images, "min_length probe")
+        supervised = torch.nonzero(labels != IGNORE_INDEX).flatten()
+        if len(supervised) == 0:
+            raise ConversationError("min_length probe: the conversation has no reply")
+        return int(supervised[0]) + 1
+
+    def __call__(
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        *,
+        num_images: int = 1,
+        sample_id: str = "?",
+    ) -> TokenizedConversation:
+        input_ids, labels, reply_spans = self._encode(conversation, num_images, sample_id)
+        full_length = len(input_ids)
+        supervised = torch.nonzero(labels != IGNORE_INDEX).flatten()
         truncated = False
         num_kept_images = num_images
         if self.max_length is not None and len(input_ids) > self.max_length:
@@ -329,10 +348,17 @@ class ConversationTokenizer:
             truncated = True
         result = TokenizedConversation(input_ids, labels, num_kept_images, truncated, reply_spans)
         if result.num_supervised == 0:
+            if not len(supervised):
+                detail = "no assistant reply to supervise"
+            else:
+                detail = (
+                    f"every supervised token lies beyond max_length {self.max_length}: the sample "
+                    f"is {full_length} tokens and its first reply starts at token "
+                    f"{int(supervised[0])}, so max_length must be at least "
+                    f"{int(supervised[0]) + 1} to keep any of it"
+                )
             raise NoSupervisedTokensError(
-                f"sample {sample_id}: no supervised token"
-                + (f" left after truncation to {self.max_length} tokens" if truncated else ""),
-                "no_supervised_tokens",
+                f"sample {sample_id}: no supervised token: {detail}", "no_supervised_tokens"
             )
         return result
 

@@ -18,14 +18,16 @@ from torch.utils.data import DataLoader, Subset
 from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.dataset import MLLMDataset, OnBadSample
-from lit_mllm.data.records import SampleStore
+from lit_mllm.data.records import SampleStore, caption_conversation
 from lit_mllm.data.sampler import ResumableSampler
 from lit_mllm.data.sources import DEFAULT_CAPTION_PROMPT, load_source
+from lit_mllm.data.special_tokens import IMAGE_PLACEHOLDER
 from lit_mllm.data.tokenizer import load_tokenizer
-from lit_mllm.data.transforms import build_image_transform
+from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, build_image_transform
 
 log = logging.getLogger(__name__)
 Stage = Literal["train", "val", "test", "predict"]
+STAGES: tuple[Stage, ...] = ("train", "val", "test", "predict")
 
 
 @dataclass
@@ -54,6 +56,17 @@ class SyntheticData:
     max_shapes: int = 3
     jitter: bool = True
     task: Literal["caption", "instruct"] = "caption"
+
+    def check(self) -> None:
+        """Fail at construction, naming the option, rather than deep inside the generator."""
+        for name in ("num_train", "num_val", "num_test"):
+            _check_int(f"data.synthetic.{name}", getattr(self, name), 0)
+        if self.num_train + self.num_val == 0:
+            raise ValueError("data.synthetic needs num_train or num_val >= 1, got 0 and 0")
+        _check_int("data.synthetic.image_size", self.image_size, 24)
+        from lit_mllm.data.synthetic import MAX_SHAPES
+
+        _check_int("data.synthetic.max_shapes", self.max_shapes, 1, MAX_SHAPES)
 
     def matches(self, manifest: dict[str, Any]) -> bool:
         """Whether a written set (its manifest) was made with these settings."""
@@ -113,10 +126,29 @@ class MLLMDataModule(L.LightningDataModule):
         val_limit: int | None = None,
         seed: int = 0,
         cache_dir: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
+        """``max_image_pixels``: images whose header claims more pixels are refused before
+        decoding (reason ``image_too_large``). The default is PIL's own limit (~89 MP); PIL still
+        refuses anything over twice its process-wide limit, which is never changed here.
+        """
         super().__init__()
+        _check_int("data.batch_size", batch_size, 1)
+        _check_int("data.eval_batch_size", eval_batch_size, 1, optional=True)
+        _check_int("data.max_length", max_length, 2)
+        _check_int("data.num_workers", num_workers, 0)
+        _check_int("data.val_limit", val_limit, 1, optional=True)
+        _check_int("data.num_image_tokens", num_image_tokens, 1, optional=True)
+        _check_int("data.max_image_pixels", max_image_pixels, 1)
+        _check_int("data.seed", seed, None)
+        if crop_pct is not None and not (isinstance(crop_pct, (int, float)) and crop_pct > 0):
+            raise ValueError(f"data.crop_pct must be > 0 (or null), got {crop_pct!r}")
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         if synthetic is None and train is None and val is None and test is None and predict is None:
             synthetic = SyntheticData()
+        if synthetic is not None:
+            synthetic.check()
         self.synthetic = synthetic
         self.sources: dict[Stage, SplitSource | None] = {
             stage: given or (synthetic.source(stage) if synthetic else None)
@@ -145,8 +177,11 @@ class MLLMDataModule(L.LightningDataModule):
         self.val_limit = val_limit
         self.seed = seed
         self.cache_dir = cache_dir
+        self.max_image_pixels = max_image_pixels
         self.datasets: dict[Stage, MLLMDataset] = {}
-        self.skipped_at_load: Counter[str] = Counter()
+        # records left out while reading each stage's file, by reason: a val report must not
+        # show the train file's faults
+        self.skipped_at_load: dict[Stage, Counter[str]] = {stage: Counter() for stage in STAGES}
         self.train_sampler: ResumableSampler | None = None
         self._sampler_state: dict[str, Any] | None = None  # from a checkpoint, until the loader
 
@@ -216,8 +251,45 @@ class MLLMDataModule(L.LightningDataModule):
                 stage, stage
             )
         samples = load_source(source.kind, source.file, source.image_root, **options)
-        self.skipped_at_load.update(samples.skipped)
+        self.skipped_at_load[stage] = Counter(samples.skipped)
         return samples
+
+    def _check_max_length(
+        self, split: Stage, samples: SampleStore, tokenize: ConversationTokenizer
+    ) -> None:
+        """Fail before training when ``max_length`` cannot hold one sample's prompt + 1 reply
+        token: otherwise every sample is dropped as ``no_supervised_tokens`` and the run "works".
+
+        Caption sources share one prompt, so their minimum is exact. For LLaVA data the probe is
+        the shortest sample shaped like the first record: an empty question with as many images
+        as it has, up to one. A max_length below that drops every such sample.
+        """
+        source = self.sources[split]
+        if source is None or len(samples) == 0:
+            return
+        if source.kind == "llava":
+            num_images = min(1, len(samples[0].image_paths))
+            question = IMAGE_PLACEHOLDER if num_images else ""
+            probe: Any = (
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": "x"},
+            )
+            what = f"a LLaVA sample with {num_images} image(s) and an empty question"
+        else:
+            num_images = 1
+            probe = caption_conversation(self.caption_prompt, "x")
+            what = f"a caption sample (prompt {self.caption_prompt!r})"
+        need = tokenize.min_length(probe, num_images=num_images)
+        if self.max_length < need:
+            blocks = num_images * (tokenize.num_image_tokens + 2)
+            raise ValueError(
+                f"data.max_length {self.max_length} is too small for the {split} data "
+                f"({source.file}): {what} needs at least {need} tokens ({blocks} for the image "
+                f"block{'s' if num_images != 1 else ''} incl. start/end, {need - blocks - 1} for "
+                "the prompt and chat template, 1 for the reply), so every sample would be dropped "
+                f"as no_supervised_tokens. Set data.max_length >= {need} (or use fewer image "
+                "tokens / a shorter prompt)"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         wanted: dict[str | None, tuple[Stage, ...]] = {
@@ -236,6 +308,7 @@ class MLLMDataModule(L.LightningDataModule):
             if samples is None:
                 continue
             tokenize = tokenize or self._conversation_tokenizer()
+            self._check_max_length(split, samples, tokenize)
             transform = build_image_transform(
                 data_config, train=split == "train", augment=self.augment, crop_pct=self.crop_pct
             )
@@ -245,6 +318,7 @@ class MLLMDataModule(L.LightningDataModule):
                 transform,
                 with_prompts=split != "train",
                 on_bad_sample=self.on_bad_sample,
+                max_image_pixels=self.max_image_pixels,
             )
         if tokenize is not None:
             self.pad_token_id = tokenize.tokenizer.pad_token_id
@@ -336,6 +410,28 @@ class MLLMDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", shuffle=False, batch_size=self.eval_batch_size)
+
+
+def _check_int(
+    name: str,
+    value: Any,
+    minimum: int | None,
+    maximum: int | None = None,
+    *,
+    optional: bool = False,
+) -> None:
+    """Refuse a bad numeric option by its config name, before torch fails on it far away."""
+    if value is None and optional:
+        return
+    allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if maximum is not None:
+        allowed = f"an integer in {minimum}..{maximum}"
+    if optional:
+        allowed += " (or null)"
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
 def _seed_worker(seed: int, worker_id: int) -> None:

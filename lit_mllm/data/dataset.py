@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from lit_mllm.data.conversation import ConversationError, ConversationTokenizer
 from lit_mllm.data.records import SampleStore
-from lit_mllm.data.transforms import BadImageError, load_rgb_image
+from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb_image
 
 OnBadSample = Literal["error", "skip"]
 
@@ -18,10 +18,12 @@ OnBadSample = Literal["error", "skip"]
 class MLLMDataset(Dataset):
     """Lazily decodes images and tokenises conversations of a ``SampleStore``.
 
-    A sample that cannot be used comes back as ``{"skipped": reason}``; the collator counts
-    those per batch so that counts survive DataLoader worker processes. Samples with nothing
-    left to supervise are always dropped and counted; other faults raise unless
-    ``on_bad_sample="skip"``.
+    A sample that cannot be used comes back as ``{"skipped": reason}`` under
+    ``on_bad_sample="skip"``; the collator counts those per batch so that counts survive
+    DataLoader worker processes. Under ``"error"`` every fault raises, naming the file and the
+    sample, including a sample whose replies were all truncated away (``no_supervised_tokens``):
+    silently training on less data than configured is a fault too.
+    Images over ``max_image_pixels`` are refused from their header, before decoding.
     """
 
     def __init__(
@@ -32,12 +34,14 @@ class MLLMDataset(Dataset):
         *,
         with_prompts: bool = False,
         on_bad_sample: OnBadSample = "error",
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.samples = samples
         self.tokenize = tokenize
         self.transform = transform
         self.with_prompts = with_prompts
         self.on_bad_sample = on_bad_sample
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -48,16 +52,29 @@ class MLLMDataset(Dataset):
             tokenized = self.tokenize(
                 sample.conversation, num_images=len(sample.image_paths), sample_id=sample.sample_id
             )
-            images = [self.transform(load_rgb_image(p)) for p in sample.image_paths]
+            images = [
+                self.transform(load_rgb_image(p, max_pixels=self.max_image_pixels))
+                for p in sample.image_paths
+            ]
         except ConversationError as error:
-            if error.reason == "no_supervised_tokens" or self.on_bad_sample == "skip":
+            if self.on_bad_sample == "skip":
                 return {"skipped": error.reason, "sample_id": sample.sample_id}
-            raise ConversationError(f"{self.samples.source}: {error}", error.reason) from error
+            hint = ""
+            if error.reason == "no_supervised_tokens":
+                hint = (
+                    ". Raise data.max_length, or set data.on_bad_sample: skip to drop such "
+                    "samples (they are counted)"
+                )
+            raise ConversationError(
+                f"{self.samples.source}: {error}{hint}", error.reason
+            ) from error
         except BadImageError as error:
             if self.on_bad_sample == "skip":
                 return {"skipped": error.reason, "sample_id": sample.sample_id}
             raise BadImageError(
-                error.path, error.reason, f"sample {sample.sample_id} of {self.samples.source}"
+                error.path,
+                error.reason,
+                f"{error.detail} (sample {sample.sample_id} of {self.samples.source})",
             ) from error
         images = images[: tokenized.num_images]  # truncation may have cut whole image blocks
         item: dict[str, Any] = {

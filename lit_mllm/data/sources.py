@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_CAPTION_PROMPT = "Describe the image briefly."
 OnBadSample = Literal["error", "skip"]
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
+# Part of the cache key: bump it when a reader's rules change what is kept or left out, so a
+# store cached under the old rules is not reused (2: duplicate ids are refused).
+_READER_RULES = 2
 _SKIP_HINT = "Fix the record, or pass on_bad_sample='skip' to drop such records (they are counted)."
 
 
@@ -186,11 +189,20 @@ def _read_json(path: str) -> Any:
 def _cache_path(
     cache_dir: str | Path, kind: str, path: str, image_root: str | Path, options: dict
 ) -> Path:
-    """Cache file keyed on the source's real path, size, mtime, the root and all options."""
+    """Cache file keyed on the reader's rules, the source's real path, size, mtime, the root and
+    all options."""
     st = os.stat(path)
     key = json.dumps(
-        [STORE_FORMAT_VERSION, kind, os.path.realpath(path), st.st_size, st.st_mtime_ns]
-        + [os.path.realpath(image_root), options],
+        [
+            STORE_FORMAT_VERSION,
+            _READER_RULES,
+            kind,
+            os.path.realpath(path),
+            st.st_size,
+            st.st_mtime_ns,
+            os.path.realpath(image_root),
+            options,
+        ],
         sort_keys=True,
     )
     digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
@@ -284,6 +296,10 @@ def load_coco_captions(
 
     Sample ids: ``coco:{image_id}`` (one per image) or ``coco:{image_id}:{ann_id}`` (per caption).
     Images with no caption are left out and counted under ``skipped["no_captions"]``.
+
+    Duplicate ids (``duplicate_id``): an image id used by two entries is ambiguous, since captions
+    join images by id; every entry of it and every caption pointing at it are left out, never
+    attached to one of the images. A repeated annotation id keeps its first annotation.
     """
     path = _check_file(annotation_file)
     options = {"prompt": prompt, "per_caption": one_sample_per_caption}
@@ -303,6 +319,8 @@ def load_coco_captions(
                 raise ValueError(f"{path}: {key!r} must be a list, got {type(top[key]).__name__}")
 
         images: dict[Any, tuple[str, str]] = {}  # image id -> (where, file name)
+        first_use: dict[Any, str] = {}  # image id -> where it first appeared
+        ambiguous: set[Any] = set()  # image ids of two or more entries: dropped with captions
         for i, im in enumerate(top["images"]):
             where, sid = f"images[{i}]", None
             try:
@@ -310,17 +328,24 @@ def load_coco_captions(
                 if _is_id(im.get("id")):
                     sid = f"coco:{im['id']}"
                 image_id = _require(im, "id", (int, str), "the image id")
-                file_name = _require(im, "file_name", str, "the image file, relative to image_root")
-                if image_id in images:
-                    raise _Bad(
+                if image_id in first_use:
+                    ambiguous.add(image_id)
+                    duplicate = _Bad(
                         "duplicate_id",
-                        f"image id {image_id!r} already used by {images[image_id][0]}",
+                        f"image id {image_id!r} is used by both {first_use[image_id]} and {where}",
                     )
+                    col.bad(where, sid, duplicate)  # raises unless skipping
+                    if images.pop(image_id, None) is not None:  # the first entry goes too
+                        col.bad(first_use[image_id], sid, duplicate)
+                    continue
+                first_use[image_id] = where
+                file_name = _require(im, "file_name", str, "the image file, relative to image_root")
                 images[image_id] = (where, file_name)
             except _Bad as e:
                 col.bad(where, sid, e)
 
         captions: dict[Any, list[tuple[Any, str]]] = {}
+        ann_seen: dict[Any, str] = {}  # annotation id -> where it was first kept
         for i, ann in enumerate(top["annotations"]):
             where, sid = f"annotations[{i}]", None
             try:
@@ -332,8 +357,20 @@ def load_coco_captions(
                 caption = _require(ann, "caption", str, "the caption text").strip()
                 if not caption:
                     raise _Bad("empty_caption", "caption is empty")
+                if ann_id in ann_seen:
+                    raise _Bad(
+                        "duplicate_id",
+                        f"annotation id {ann_id!r} is used by both {ann_seen[ann_id]} and {where}",
+                    )
+                if image_id in ambiguous:
+                    raise _Bad(
+                        "duplicate_id",
+                        f"image_id {image_id!r} names several entries of 'images' "
+                        "(the caption cannot be attributed to one of them)",
+                    )
                 if image_id not in images:
                     raise _Bad("unknown_image", f"image_id {image_id!r} is not in 'images'")
+                ann_seen[ann_id] = where
                 captions.setdefault(image_id, []).append((ann_id, caption))
             except _Bad as e:
                 col.bad(where, sid, e)
@@ -375,6 +412,8 @@ def load_karpathy(
     cocoid|imgid}``. ``split="train"`` also takes ``"restval"`` images when ``restval_in_train``
     (the usual 113k-image COCO train split). Image paths are ``filepath/filename`` under
     image_root. Sample ids: ``{dataset}:{image_id}`` or ``{dataset}:{image_id}:{sentid}``.
+    An image id or ``sentid`` used twice among the read splits is ``duplicate_id``; the first
+    image entry that uses it is kept.
     """
     if split not in KARPATHY_SPLITS:
         raise ValueError(f"split must be one of {KARPATHY_SPLITS}, got {split!r}")
@@ -395,6 +434,7 @@ def load_karpathy(
         dataset = top.get("dataset") if isinstance(top.get("dataset"), str) else "coco"
         builder = StoreBuilder(resolve.root, source=path, prompt=prompt)
         seen: dict[Any, int] = {}
+        sentences_seen: dict[Any, str] = {}  # sentid -> where it was first used
         for i, im in enumerate(top["images"]):
             where, sid = f"images[{i}]", None
             try:
@@ -416,7 +456,8 @@ def load_karpathy(
                 if image_id in seen:
                     raise _Bad(
                         "duplicate_id",
-                        f"image id {image_id!r} already used by images[{seen[image_id]}]",
+                        f"image id {image_id!r} is used by both images[{seen[image_id]}] and "
+                        f"{where}",
                     )
                 seen[image_id] = i
                 filename = _require(im, "filename", str, "the image file name")
@@ -425,13 +466,28 @@ def load_karpathy(
                     raise _Bad("bad_type", f"'filepath' must be str, got {type(filepath).__name__}")
                 sentences = _require(im, "sentences", list, "the reference captions")
                 caps = []
+                here: dict[Any, str] = {}  # this image's caption ids -> where
+                explicit: dict[Any, str] = {}  # its own sentids: unique across the whole file
                 for k, sent in enumerate(sentences):
                     sent = _require_dict(sent, f"sentences[{k}]")
                     raw = _require(sent, "raw", str, f"text of sentences[{k}]").strip()
                     if not raw:
                         raise _Bad("empty_caption", f"sentences[{k}] is empty")
-                    sent_id = sent.get("sentid", k)
-                    caps.append((sent_id if _is_id(sent_id) else k, raw))
+                    at = f"{where}.sentences[{k}]"
+                    sent_id = sent.get("sentid")
+                    own = _is_id(sent_id)
+                    if not own:  # no usable sentid: the position names the caption
+                        sent_id = k
+                    first = here.get(sent_id) or (sentences_seen.get(sent_id) if own else None)
+                    if first is not None:
+                        raise _Bad(
+                            "duplicate_id", f"sentid {sent_id!r} is used by both {first} and {at}"
+                        )
+                    here[sent_id] = at
+                    if own:
+                        explicit[sent_id] = at
+                    caps.append((sent_id, raw))
+                sentences_seen.update(explicit)
                 if not caps:
                     col.note("no_captions")
                     continue
@@ -527,6 +583,8 @@ def load_llava(
     ``role``/``content``, optionally starting with a system turn. Turns are kept as in the source;
     role names and alternation are checked later by the conversation renderer.
     A record without ``id`` gets ``{file name}:{index}`` (``{file name}:L{line}`` for JSONL).
+    Sample ids must be unique (``id`` 42 and ``"42"`` are the same): a repeated one is
+    ``duplicate_id`` and the first record that uses it is kept.
     """
     path = _check_file(path)
     options = {"on_bad": on_bad_sample, "check": check_images}
@@ -535,16 +593,22 @@ def load_llava(
         col = _Collector(path, on_bad_sample)
         resolve = _ImageResolver(image_root, check_images)
         builder = StoreBuilder(resolve.root, source=path)
+        kept: dict[str, str] = {}  # sample id -> where its record is
         for where, sid, obj in _iter_llava(path, col):
             try:
                 obj = _require_dict(obj, "a sample")
                 if "id" in obj:
                     sid = str(_require(obj, "id", (str, int), "the sample id"))
+                if sid in kept:
+                    raise _Bad(
+                        "duplicate_id", f"sample id {sid!r} is used by both {kept[sid]} and {where}"
+                    )
                 turns = _llava_turns(obj)
                 rel = [resolve(name) for name in _llava_images(obj)]
             except _Bad as e:
                 col.bad(where, sid, e)
                 continue
+            kept[sid] = where
             builder.add(sid, rel, turns)
         return builder.build(dict(col.skipped))
 

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-Image.MAX_IMAGE_PIXELS = 200_000_000  # refuse decompression bombs beyond this, not typical photos
+# PIL's own default limit (1024**3 // 4 // 3, about 89 MP), written out rather than read from or
+# written to ``Image.MAX_IMAGE_PIXELS``: that is process-wide state that belongs to whoever runs us.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 class BadImageError(ValueError):
@@ -17,14 +19,29 @@ class BadImageError(ValueError):
 
     def __init__(self, path: str, reason: str, detail: str) -> None:
         super().__init__(f"{path}: {reason}: {detail}")
-        self.path, self.reason = path, reason
+        self.path, self.reason, self.detail = path, reason, detail
 
 
-def load_rgb_image(path: str, *, min_side: int = 2, max_aspect_ratio: float = 50.0) -> Image.Image:
-    """Open and fully decode an image as RGB (grayscale, CMYK, RGBA, 16-bit all converted)."""
+def load_rgb_image(
+    path: str,
+    *,
+    min_side: int = 2,
+    max_aspect_ratio: float = 50.0,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """Open and fully decode an image as RGB (grayscale, CMYK, RGBA, 16-bit all converted).
+
+    Decompression bombs: the size in the header (``Image.open`` reads only the header) is checked
+    against ``max_pixels`` *before* anything is decoded, so a 50 kB file claiming 20000x20000 px
+    costs nothing. PIL's own bomb check (an error at twice its process-wide limit, a warning
+    above it that ``-W error`` turns into an exception) is reported under the same reason, and
+    the decoded size is checked again for formats whose pixels differ from their header.
+    """
     try:
         with Image.open(path) as image:
+            _check_pixels(path, image.size, max_pixels)
             image.load()
+            _check_pixels(path, image.size, max_pixels)
             if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -35,9 +52,17 @@ def load_rgb_image(path: str, *, min_side: int = 2, max_aspect_ratio: float = 50
                 rgb = Image.fromarray((array * scale).clamp(0, 255).byte().numpy()).convert("RGB")
             else:
                 rgb = image.convert("RGB")
+    except BadImageError:
+        raise
     except FileNotFoundError as error:
         raise BadImageError(path, "missing_image", "file not found") from error
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # PIL's own check: an error over twice its limit, or its warning where warnings are
+        # errors (``-W error``); neither is an OSError, so each would otherwise escape uncounted
+        raise BadImageError(
+            path, "image_too_large", f"PIL refused it as a decompression bomb: {error}"
+        ) from error
+    except (OSError, ValueError, SyntaxError) as error:
         raise BadImageError(
             path, "undecodable_image", str(error) or type(error).__name__
         ) from error
@@ -47,6 +72,18 @@ def load_rgb_image(path: str, *, min_side: int = 2, max_aspect_ratio: float = 50
     if max(width, height) / min(width, height) > max_aspect_ratio:
         raise BadImageError(path, "extreme_aspect_ratio", f"{width}x{height} px")
     return rgb
+
+
+def _check_pixels(path: str, size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise BadImageError(
+            path,
+            "image_too_large",
+            f"{width}x{height} = {width * height:,} px is over data.max_image_pixels "
+            f"({max_pixels:,}); not decoded (a possible decompression bomb). Raise the limit "
+            "only for data you trust",
+        )
 
 
 def build_image_transform(
