@@ -107,8 +107,9 @@ def _missing(path: Path) -> FileNotFoundError:
 
 
 def _not_a_checkpoint_folder(path: Path) -> CheckpointError:
-    inside = sorted(p.name for p in path.glob("*.ckpt")) + sorted(
-        p.name for p in path.iterdir() if is_sharded_folder(p)
+    inside = sorted(
+        {p.name for p in path.glob("*.ckpt")}
+        | {p.name for p in path.iterdir() if is_sharded_folder(p)}
     )
     where = f"; checkpoints in it: {', '.join(inside)}" if inside else ""
     return CheckpointError(
