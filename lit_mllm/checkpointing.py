@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints: atomic saves, periodic + epoch-end + last, RNG state, clear load errors.
+"""Crash-safe checkpoints: atomic saves, periodic + epoch-end + last, RNG state, checked loads.
 
 Why not Lightning's own save alone: ``TorchCheckpointIO`` writes through an fsspec transaction,
 whose local temp file comes from ``tempfile.mkstemp()`` in the *system temp dir*, then
@@ -8,8 +8,11 @@ the copy leaves a truncated file under the final name (tests/test_resume.py repr
 Nothing is fsync-ed, and a killed save leaves a checkpoint-sized orphan in ``/tmp``.
 
 :class:`AtomicModelCheckpoint` therefore has every checkpoint written to ``.<name>.partial`` in
-the checkpoint's own folder, fsync-ed, and ``os.replace``-d over the final name (then the folder
-is fsync-ed): a reader sees the old file or the new one, never half of one.
+the checkpoint's own folder (by :class:`CheckedCheckpointIO`, with no temp file elsewhere),
+fsync-ed, and ``os.replace``-d over the final name (then the folder is fsync-ed): a reader sees
+the old file or the new one, never half of one. Sharded folders also get a checksum manifest
+(:mod:`lit_mllm.integrity`); files carry torch's own per-record CRC32s. Loading goes through
+:mod:`lit_mllm.safe_load`.
 """
 
 from __future__ import annotations
@@ -17,84 +20,68 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lit_mllm.errors import UsageError
+from lit_mllm.integrity import crc32_of, files_to_check, write_manifest
+from lit_mllm.safe_load import is_remote, load_checkpoint_file
+
+__all__ = [
+    "AtomicModelCheckpoint",
+    "CheckedCheckpointIO",
+    "clean_stale_saves",
+    "load_checkpoint_file",
+    "partial_path",
+]
+
 PARTIAL_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"
 
 
-# -- loading with clear errors --------------------------------------------------------------------
-def _other_checkpoints(path: Path) -> list[str]:
-    if not path.parent.is_dir():
-        return []
-    return sorted(p.name for p in path.parent.glob("*.ckpt") if p != path)
-
-
-def _broken(path: Path, what: str) -> ValueError:
-    others = _other_checkpoints(path)
-    hint = (
-        f"resume from another checkpoint in {str(path.parent)!r} ({', '.join(others)})"
-        if others
-        else "start the run again without --ckpt_path"
-    )
-    return ValueError(f"checkpoint {str(path)!r} {what}; delete it and {hint}")
-
-
-def load_checkpoint_file(
-    path: str | Path, *, map_location: Any = "cpu", weights_only: bool = True
-) -> dict[str, Any]:
-    """``torch.load`` a Lightning checkpoint; a missing/empty/truncated/foreign file is an error
-    that names the file and what to do, instead of a zip-reader traceback."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} not found"
-            + (
-                f"; checkpoints next to it: {', '.join(_other_checkpoints(path))}"
-                if path.parent.is_dir()
-                else ""
-            )
-        )
-    size = path.stat().st_size
-    if size == 0:
-        raise _broken(path, "is empty (0 bytes): its save was interrupted")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        if weights_only and "Weights only load failed" in str(error):
-            raise  # a policy refusal, not corruption: torch's message says what to allow
-        raise _broken(
-            path, f"is corrupt or truncated ({size} bytes; {type(error).__name__}: {error})"
-        ) from error
-    except Exception as error:  # pickle.UnpicklingError and friends: damaged contents
-        raise _broken(path, f"cannot be read ({type(error).__name__}: {error})") from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise _broken(path, "is not a Lightning checkpoint (no 'state_dict')")
-    return checkpoint
-
-
+# -- the CheckpointIO ------------------------------------------------------------------------------
 class CheckedCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local loads fail with :func:`load_checkpoint_file`'s errors."""
+    """``TorchCheckpointIO`` that loads through :func:`lit_mllm.safe_load.load_checkpoint_file`
+    (local files only, checksums first, ``weights_only=True``) and saves with ``torch.save``
+    straight into the checkpoint's folder: ``.<name>.partial``, then ``os.replace``. (Lightning's
+    save stages a temp file in the system temp dir, left behind by a kill.)"""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if is_remote(path) or storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        if not torch.serialization.get_crc32_options():
+            raise RuntimeError(
+                "torch.serialization.set_crc32_options(False) is in effect: the checkpoint would "
+                "carry no checksums and could not be verified when loaded; turn it back on"
+            )
+        target = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        if is_partial(target):  # AtomicModelCheckpoint moves it into place
+            torch.save(checkpoint, target)
+            return
+        tmp = partial_path(target)
+        torch.save(checkpoint, tmp)
+        commit_partial(tmp, target)
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        if not _is_local_file_protocol(path):
-            return super().load_checkpoint(
-                path, map_location=map_location, weights_only=weights_only
+        if weights_only is False:
+            raise UsageError(
+                "lit-mllm loads checkpoints with weights_only=True only (a checkpoint that needs "
+                "more can run code when loaded); leave weights_only unset"
             )
         location = map_location if map_location is not None else (lambda storage, loc: storage)
-        return load_checkpoint_file(
-            path, map_location=location, weights_only=True if weights_only is None else weights_only
-        )
+        return load_checkpoint_file(path, map_location=location)
 
 
 # -- RNG state ------------------------------------------------------------------------------------
@@ -135,6 +122,32 @@ def partial_path(filepath: str | Path) -> str:
     return os.path.join(head, f".{tail}{PARTIAL_SUFFIX}")
 
 
+def is_partial(path: str | Path) -> bool:
+    name = os.path.basename(str(path))
+    return name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
+
+
+def clean_stale_saves(folder: str | Path) -> list[str]:
+    """Remove what saves killed mid-write left in ``folder`` (never complete, never read); a
+    sharded checkpoint killed between its two renames gets its previous version back."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cleaned = []
+    for old in folder.glob(f"*{OLD_SUFFIX}"):
+        target = old.with_name(old.name[: -len(OLD_SUFFIX)])
+        if old.is_dir() and target.suffix == ".ckpt":
+            if target.exists():
+                shutil.rmtree(old)
+            else:
+                os.replace(old, target)
+            cleaned.append(old.name)
+    for stale in folder.glob(f".*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+        cleaned.append(stale.name)
+    return cleaned
+
+
 def _fsync(path: str) -> None:
     if os.path.isdir(path):
         for root, _, files in os.walk(path):
@@ -151,7 +164,7 @@ def commit_partial(tmp: str, filepath: str) -> None:
     """fsync ``tmp`` and move it over ``filepath``; a crash leaves either the old or the new."""
     _fsync(tmp)
     if os.path.isdir(tmp) and os.path.isdir(filepath):  # sharded checkpoints are folders
-        old = filepath + ".old"
+        old = filepath + OLD_SUFFIX
         shutil.rmtree(old, ignore_errors=True)
         os.replace(filepath, old)
         os.replace(tmp, filepath)
@@ -159,6 +172,19 @@ def commit_partial(tmp: str, filepath: str) -> None:
     else:
         os.replace(tmp, filepath)
     _fsync(os.path.dirname(os.path.abspath(filepath)))
+
+
+def _write_manifest(trainer: L.Trainer, folder: str) -> None:
+    """CRC32 of every file of a sharded checkpoint; each rank reads 1/world of the files."""
+    names = trainer.strategy.broadcast(files_to_check(folder) if trainer.is_global_zero else None)
+    rank, world = trainer.global_rank, trainer.world_size
+    mine = {name: crc32_of(os.path.join(folder, name)) for name in names[rank::world]}
+    parts: list[Any] = [mine]
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+    if trainer.is_global_zero:
+        write_manifest(folder, {k: v for part in parts for k, v in part.items()})
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -172,7 +198,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     restore them just before the first training batch after a resume, so that random ops
     (dropout) continue the same stream. Lightning itself does not save RNG states.
     It also installs :class:`CheckedCheckpointIO` on a strategy that uses the default
-    ``TorchCheckpointIO``, so a truncated checkpoint passed to ``fit`` fails with a clear error.
+    ``TorchCheckpointIO``: saves write no temp file outside the checkpoint folder, and a damaged
+    or foreign checkpoint passed to ``fit`` fails with a clear error.
     """
 
     def __init__(
@@ -192,10 +219,21 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = CheckedCheckpointIO()
-        if trainer.is_global_zero and self.dirpath and _is_local_file_protocol(self.dirpath):
-            # leftovers of saves killed mid-write: never complete, never read
-            for stale in Path(self.dirpath).glob(f".*{PARTIAL_SUFFIX}"):
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if trainer.is_global_zero and self.dirpath and not is_remote(self.dirpath):
+            clean_stale_saves(self.dirpath)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The run being resumed (``--ckpt_path``) usually lives in another folder (the previous
+        logger version's): its killed saves are cleaned here, once the checkpoint is loaded."""
+        super().on_train_start(trainer, pl_module)
+        resumed = trainer.ckpt_path
+        if (
+            trainer.is_global_zero
+            and resumed
+            and not is_remote(resumed)
+            and os.path.exists(resumed)
+        ):
+            clean_stale_saves(Path(resumed).parent)
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         if self._rng_to_restore is not None:
@@ -236,11 +274,13 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             self._last_saved_at_step = trainer.global_step
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        if not _is_local_file_protocol(filepath):  # object stores: a put is already atomic
+        if is_remote(filepath):  # object stores: a put is already atomic
             super()._save_checkpoint(trainer, filepath)
             return
         tmp = partial_path(filepath)
         trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank; rank 0 writes
+        if trainer.strategy.broadcast(os.path.isdir(tmp)):  # sharded: no checksums of its own
+            _write_manifest(trainer, tmp)
         if trainer.is_global_zero:
             commit_partial(tmp, filepath)
         trainer.strategy.barrier("AtomicModelCheckpoint")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lit_mllm.data.special_tokens import IM_PATCH
+from lit_mllm.errors import add_debug_flag, run_reporting_errors
 from lit_mllm.module import MLLMModule
+from lit_mllm.safe_load import read_checkpoint, refuse_remote_code
 
 __all__ = ["load_checkpoint", "save_pretrained", "load_pretrained", "to_llava", "main"]
 
@@ -39,33 +42,26 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 # -- reading training checkpoints ----------------------------------------------------------------
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """A Lightning ``.ckpt`` file, or the folder of a sharded (FSDP) checkpoint."""
-    if path.is_dir():
-        if not (path / "meta.pt").is_file():
-            raise FileNotFoundError(
-                f"checkpoint folder {str(path)!r} is not a sharded Lightning checkpoint "
-                "(no meta.pt in it); pass a .ckpt file or the folder FSDP wrote"
-            )
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+def load_checkpoint(path: str | Path, *, trust_remote_code: bool = False) -> MLLMModule:
+    """Rebuild the module a training checkpoint was written for and load its weights.
 
-        checkpoint = _load_distributed_checkpoint(path)
-        checkpoint["state_dict"] = checkpoint.pop("model")
-        return checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_checkpoint(path: str | Path) -> MLLMModule:
-    """Rebuild the module a training checkpoint was written for and load its weights."""
-    checkpoint = _read_checkpoint(Path(path))
+    ``path``: a ``.ckpt`` file or a sharded (FSDP) checkpoint folder, read by
+    :func:`lit_mllm.safe_load.read_checkpoint` (checksums first, nothing unpickled unsafely).
+    ``trust_remote_code``: allow a checkpoint whose decoder setting runs remote code.
+    """
+    checkpoint = read_checkpoint(path)
     if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(
             f"{str(path)!r} is not a lit-mllm training checkpoint (needs 'hyper_parameters' "
             "and 'state_dict')"
         )
     hparams = dict(checkpoint["hyper_parameters"])
+    refuse_remote_code(
+        hparams,
+        f"checkpoint {str(path)!r}",
+        allowed=trust_remote_code,
+        how="pass --trust-remote-code (trust_remote_code=True)",
+    )
     hparams["init_from"] = None  # the checkpoint itself holds the trained weights
     module = MLLMModule(**hparams)
     module.on_load_checkpoint(checkpoint)  # raises when trainable weights are missing
@@ -144,8 +140,16 @@ def save_pretrained(
     return out
 
 
-def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> MLLMModule:
-    """Rebuild an :class:`MLLMModule` from a folder written by :func:`save_pretrained`."""
+def load_pretrained(
+    directory: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    trust_remote_code: bool = False,
+) -> MLLMModule:
+    """Rebuild an :class:`MLLMModule` from a folder written by :func:`save_pretrained`.
+
+    ``trust_remote_code``: allow a folder whose decoder setting runs remote code.
+    """
     folder = Path(directory)
     config_file = folder / CONFIG_FILE
     if not config_file.is_file() or not (folder / WEIGHTS_FILE).is_file():
@@ -157,6 +161,9 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
     if config.get("format") != FORMAT_NAME:
         raise ValueError(f"{str(config_file)!r} is not a lit-mllm config (format != 'lit-mllm')")
     hparams = copy.deepcopy(config["hyper_parameters"])
+    refuse_remote_code(
+        hparams, str(config_file), allowed=trust_remote_code, how="pass trust_remote_code=True"
+    )
     hparams["init_from"] = None
     hparams["tokenizer"] = str(folder)  # the saved tokenizer, image tokens included
     if config["weights"] == "all":  # self-contained: no source weights are read
@@ -370,7 +377,7 @@ def to_llava(module: MLLMModule, out_dir: str | Path, *, dtype: str | None = Non
 
 
 # -- command line --------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lit-mllm-export",
         description="Export a lit-mllm training checkpoint to a native or transformers LLaVA folder.",
@@ -384,18 +391,28 @@ def main(argv: list[str] | None = None) -> None:
         help="native: leave frozen pretrained weights out (rebuilt from their sources on load)",
     )
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default=None, help="cast weights")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a checkpoint whose decoder setting runs the decoder's own Python code",
+    )
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    module = load_checkpoint(args.ckpt)
-    if args.format == "llava":
-        if args.trainable_only:
-            parser.error("--trainable-only applies to --format native only")
-        out = to_llava(module, args.out, dtype=args.dtype)
-    else:
-        out = save_pretrained(
-            module, args.out, include_frozen=not args.trainable_only, dtype=args.dtype
-        )
-    print(f"wrote {args.format} export to {out}")
+    if args.format == "llava" and args.trainable_only:
+        parser.error("--trainable-only applies to --format native only")
+
+    def export() -> None:
+        module = load_checkpoint(args.ckpt, trust_remote_code=args.trust_remote_code)
+        if args.format == "llava":
+            out = to_llava(module, args.out, dtype=args.dtype)
+        else:
+            out = save_pretrained(
+                module, args.out, include_frozen=not args.trainable_only, dtype=args.dtype
+            )
+        print(f"wrote {args.format} export to {out}")
+
+    return run_reporting_errors("lit-mllm-export", export, debug=args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,6 +20,7 @@ from lit_mllm.models.connector import build_connector, num_image_tokens
 from lit_mllm.models.decoder import build_decoder, resize_embeddings_for
 from lit_mllm.models.mllm import MultimodalLM
 from lit_mllm.models.vision import VisionEncoder
+from lit_mllm.safe_load import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class MLLMModule(L.LightningModule):
         if not Path(path).is_file():
             raise FileNotFoundError(f"init_from: checkpoint {path!r} does not exist")
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = load_checkpoint_file(path, require_state_dict=False)  # checksums first
         except Exception as error:
             raise ValueError(f"init_from: {path!r} is not a readable checkpoint: {error}") from None
         state = checkpoint.get("state_dict", checkpoint)

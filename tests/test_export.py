@@ -144,8 +144,9 @@ def test_cli_exports_a_lightning_checkpoint_in_both_formats(tmp_path, capsys) ->
     for name, value in module.state_dict().items():
         assert torch.equal(value, reloaded.state_dict()[name]), name
 
-    main(["--ckpt", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "native")])
-    main(["--ckpt", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "hf"), "--format", "llava"])
+    ckpt = ["--ckpt", str(tmp_path / "run.ckpt")]
+    assert main([*ckpt, "--out", str(tmp_path / "native")]) == 0
+    assert main([*ckpt, "--out", str(tmp_path / "hf"), "--format", "llava"]) == 0
     assert "wrote llava export" in capsys.readouterr().out
     args = inputs(module)
     expected = our_logits(module, *args)
@@ -162,6 +163,7 @@ def test_cli_exports_a_lightning_checkpoint_in_both_formats(tmp_path, capsys) ->
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_cli_names_a_missing_checkpoint(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-        main(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "out")])
+def test_cli_names_a_missing_checkpoint(tmp_path, capsys) -> None:
+    assert main(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"lit-mllm-export: error: checkpoint {str(tmp_path / 'nope.ckpt')!r} not found\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
 import os
 import random
@@ -261,14 +262,14 @@ def test_sampler_refuses_to_resume_on_other_data() -> None:
 
 
 # -- atomic saves ---------------------------------------------------------------------------------
-def _tiny_trainer(tmp_path: Path, callbacks: list):
+def _tiny_trainer(tmp_path: Path, callbacks: list, max_steps: int = 1):
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     trainer = L.Trainer(
         accelerator="cpu",
         logger=False,
-        max_steps=1,
+        max_steps=max_steps,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
@@ -322,6 +323,23 @@ def test_lightning_save_is_not_atomic_across_file_systems(tmp_path, monkeypatch)
         load_checkpoint_file(target)
 
 
+def _die_mid_write(monkeypatch) -> None:
+    """``torch.save`` writes half the checkpoint to its target, then the process "dies"."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        half = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+        if isinstance(f, str | os.PathLike):
+            Path(f).write_bytes(half)
+        else:
+            f.write(half)
+        raise KeyboardInterrupt("killed during the save")
+
+    monkeypatch.setattr(torch, "save", save)
+
+
 def test_atomic_checkpoint_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch) -> None:
     from lit_mllm.checkpointing import AtomicModelCheckpoint, load_checkpoint_file, partial_path
 
@@ -332,7 +350,7 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_save_dies(tmp_path, monkeyp
     callback._save_checkpoint(trainer, target)
     good = Path(target).read_bytes()
     assert load_checkpoint_file(target)["state_dict"]
-    _interrupt_cross_device_moves(monkeypatch, tmp_path / "system_tmp")
+    _die_mid_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         callback._save_checkpoint(trainer, target)
     monkeypatch.undo()
@@ -340,6 +358,111 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_save_dies(tmp_path, monkeyp
     assert os.path.exists(partial_path(target))
     callback.setup(trainer, trainer.lightning_module, "fit")  # a new run cleans it up
     assert not os.path.exists(partial_path(target))
+
+
+KILL_BEFORE_THE_MOVE = """
+import os, signal, sys
+from pathlib import Path
+import lightning as L
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lit_mllm.checkpointing import AtomicModelCheckpoint
+
+folder = Path(sys.argv[1])
+callback = AtomicModelCheckpoint(dirpath=folder)
+trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=1, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=folder, callbacks=[callback])
+trainer.strategy.connect(BoringModel())
+callback.setup(trainer, trainer.lightning_module, "fit")
+
+def die_before_the_move(event, args):  # every byte written, the rename not done: kill -9
+    if event == "os.rename":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(die_before_the_move)
+callback._save_checkpoint(trainer, str(folder / "last.ckpt"))
+"""
+
+
+def test_save_killed_before_its_rename_leaves_nothing_in_the_system_temp_dir(tmp_path) -> None:
+    """Lightning's save stages the file in $TMPDIR: a kill -9 left a checkpoint-sized orphan
+    there, which no later run removes. Now the only leftover is the .partial next to the
+    checkpoint, which the next run deletes."""
+    system_tmp, folder = tmp_path / "system_tmp", tmp_path / "checkpoints"
+    system_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(system_tmp)}
+    command = [sys.executable, "-c", KILL_BEFORE_THE_MOVE, str(folder)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == KILLED, done.stderr[-3000:]
+    assert [p for p in system_tmp.rglob("*") if p.is_file()] == []
+    assert [p.name for p in folder.iterdir()] == [".last.ckpt.partial"]
+
+
+def test_resume_cleans_the_killed_saves_of_the_run_it_resumes(tmp_path) -> None:
+    """The resumed run's folder (the previous logger version's) is not the new run's: its stale
+    .partial files used to stay forever."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lit_mllm.checkpointing import AtomicModelCheckpoint
+
+    old_run, new_run = tmp_path / "version_0", tmp_path / "version_1"
+    callback = AtomicModelCheckpoint(dirpath=old_run)
+    trainer = _tiny_trainer(tmp_path, [callback])
+    callback.setup(trainer, trainer.lightning_module, "fit")
+    callback._save_checkpoint(trainer, str(old_run / "last.ckpt"))
+    stale = old_run / ".last.ckpt.partial"
+    stale.write_bytes(b"PK\x03\x04 half of a checkpoint")
+
+    resumed = _tiny_trainer(tmp_path, [AtomicModelCheckpoint(dirpath=new_run)], max_steps=2)
+    resumed.fit(BoringModel(), ckpt_path=old_run / "last.ckpt")
+    assert resumed.global_step == 2
+    assert not stale.exists()
+    assert (old_run / "last.ckpt").is_file()  # the checkpoint itself stays
+
+
+def test_a_sharded_save_gets_a_checksum_manifest(tmp_path, monkeypatch) -> None:
+    """Folders (FSDP) have no checksums of their own: AtomicModelCheckpoint writes them."""
+    import torch.distributed.checkpoint as dcp
+
+    from lit_mllm.checkpointing import AtomicModelCheckpoint
+    from lit_mllm.integrity import MANIFEST, folder_problem
+
+    callback = AtomicModelCheckpoint(dirpath=tmp_path)
+    trainer = _tiny_trainer(tmp_path, [callback])
+    callback.setup(trainer, trainer.lightning_module, "fit")
+
+    def save_folder(filepath, weights_only=False, storage_options=None) -> None:
+        """What FSDPStrategy writes: DCP files of the weights, and meta.pt."""
+        folder = Path(filepath)
+        folder.mkdir()
+        state = {"model": trainer.lightning_module.state_dict()}
+        dcp.save(state, checkpoint_id=folder, no_dist=True)
+        torch.save({"global_step": trainer.global_step}, folder / "meta.pt")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_folder)
+    folder = tmp_path / "last.ckpt"
+    for _ in range(2):  # a new folder, then one replacing it
+        callback._save_checkpoint(trainer, str(folder))
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+        assert set(listed) == {p.name for p in folder.iterdir()} - {MANIFEST}
+        assert {".metadata", "meta.pt"} < set(listed)
+        assert folder_problem(folder) is None
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    (folder / "meta.pt").write_bytes(b"other bytes")
+    assert folder_problem(folder) == "is damaged: meta.pt has 11 bytes, " + (
+        f"{listed['meta.pt']['size']} when saved"
+    )
+
+
+def test_sharded_save_killed_between_its_renames_gets_its_previous_version_back(tmp_path) -> None:
+    from lit_mllm.checkpointing import clean_stale_saves
+
+    previous = tmp_path / "last.ckpt.old"  # commit_partial moved it aside, then died
+    previous.mkdir()
+    (previous / "meta.pt").write_bytes(b"previous")
+    (tmp_path / ".last.ckpt.partial").mkdir()
+    assert sorted(clean_stale_saves(tmp_path)) == [".last.ckpt.partial", "last.ckpt.old"]
+    assert (tmp_path / "last.ckpt" / "meta.pt").read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
 def test_atomic_checkpoint_writes_with_os_replace_in_the_same_folder(tmp_path, monkeypatch) -> None:

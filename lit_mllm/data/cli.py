@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lit_mllm.errors import add_debug_flag, pop_debug_flag, run_reporting_errors
+
 # Modules with ``add_subcommand(subparsers)``, e.g. "lit_mllm.data.corrupt".
 EXTRA_SUBCOMMAND_MODULES: tuple[str, ...] = ("lit_mllm.data.corrupt",)
 Subparsers = argparse._SubParsersAction
@@ -96,6 +98,7 @@ BUILTIN_SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (add_synth, add_
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lit-mllm-data", description=__doc__.splitlines()[0])
+    add_debug_flag(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in BUILTIN_SUBCOMMANDS:
         add(subparsers)
@@ -105,12 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # --debug is accepted before or after the subcommand
+    argv, debug = pop_debug_flag(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.handler(args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"lit-mllm-data {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(
+        f"lit-mllm-data {args.command}",
+        lambda: args.handler(args),
+        debug=debug,
+        ours_only=False,
+        code=2,
+    )
 
 
 if __name__ == "__main__":

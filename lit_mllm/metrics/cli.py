@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lit_mllm.errors import add_debug_flag, run_reporting_errors
 from lit_mllm.metrics.caption import DEFAULT_METRICS, ImageId, score_captions
 from lit_mllm.metrics.java import JavaNotFoundError
 
@@ -149,23 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"scorers to run (default: {' '.join(DEFAULT_METRICS)})",
     )  # fmt: skip
     parser.add_argument("--spice-cache-dir", default=None, help="SPICE parse cache directory")
+    add_debug_flag(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def score() -> None:
         references = load_annotations(args.annotations)
         predictions = load_results(args.results)
         check_coverage(references, predictions, args.annotations, args.results)
         scores = score_captions(
             references, predictions, args.metrics, spice_cache_dir=args.spice_cache_dir
         )
-    except (ValueError, JavaNotFoundError) as exc:  # bad files, unknown --metrics, no java
-        print(f"lit-mllm-score: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(scores, indent=2))
-    return 0
+        print(json.dumps(scores, indent=2))
+
+    # bad files, unknown --metrics, no java: exit code 2
+    return run_reporting_errors(
+        "lit-mllm-score",
+        score,
+        debug=args.debug,
+        user_errors=(ValueError, JavaNotFoundError),
+        ours_only=False,
+        code=2,
+    )
 
 
 if __name__ == "__main__":
