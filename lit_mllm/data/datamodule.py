@@ -83,6 +83,28 @@ class SyntheticData:
         )
         return all(manifest.get(key) == value for key, value in wanted.items())
 
+    def ensure_written(self) -> bool:
+        """Write the set unless ``dir`` already holds it with these settings; True if written."""
+        manifest = Path(self.dir) / "synthetic_manifest.json"
+        if manifest.exists():
+            if self.matches(json.loads(manifest.read_text())):
+                return False
+            log.warning("%s was written with other settings: writing it again", self.dir)
+        from lit_mllm.data.synthetic import generate_synthetic_dataset
+
+        log.info("writing the synthetic data set to %s", self.dir)
+        generate_synthetic_dataset(
+            self.dir,
+            self.num_train,
+            self.num_val,
+            self.num_test,
+            seed=self.seed,
+            image_size=self.image_size,
+            max_shapes=self.max_shapes,
+            jitter=self.jitter,
+        )
+        return True
+
     def source(self, stage: Stage) -> SplitSource:
         split = {"train": "train", "val": "val", "test": "test", "predict": "val"}[stage]
         root = str(Path(self.dir) / "images")
@@ -188,32 +210,13 @@ class MLLMDataModule(L.LightningDataModule):
     # -- preparation -----------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Write the synthetic set once (rank 0); real data is only read."""
-        if self.synthetic is None:
+        if self.synthetic is None or not self.synthetic.ensure_written():
             return
-        s = self.synthetic
-        manifest = Path(s.dir) / "synthetic_manifest.json"
-        if manifest.exists():
-            if s.matches(json.loads(manifest.read_text())):
-                return
-            log.warning("%s was written with other settings: writing it again", s.dir)
-        from lit_mllm.data.synthetic import generate_synthetic_dataset
-
-        log.info("writing the synthetic data set to %s", s.dir)
-        generate_synthetic_dataset(
-            s.dir,
-            s.num_train,
-            s.num_val,
-            s.num_test,
-            seed=s.seed,
-            image_size=s.image_size,
-            max_shapes=s.max_shapes,
-            jitter=s.jitter,
-        )
-        if s.num_val > 1:
+        if self.synthetic.num_val > 1:
             try:  # the human baseline printed next to the model's scores; needs Java
                 from lit_mllm.metrics.reference import score_synthetic_references
 
-                score_synthetic_references(s.dir, "val")
+                score_synthetic_references(self.synthetic.dir, "val")
             except Exception as error:  # never block training on the report's baseline
                 log.warning("could not score the synthetic references: %s", error)
 

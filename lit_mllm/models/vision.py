@@ -30,7 +30,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VisionEncoder", "resolve_hub_checkpoint"]
+__all__ = ["VisionEncoder", "create_backbone", "resolve_hub_checkpoint"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Weight files looked for inside a directory, in order of preference.
@@ -199,6 +199,23 @@ def _load_weights(model: nn.Module, file: Path, model_name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def create_backbone(model_name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A random-init timm model without head, at dynamic input sizes where it accepts them.
+
+    Shared by the frozen encoder and by the tiny encoder's own pretraining, so the weights the
+    pretraining writes load into exactly the architecture the multimodal model builds.
+    """
+    base = {"num_classes": 0}
+    dynamic = {"dynamic_img_size": True, "dynamic_img_pad": True}
+    kwargs = dict(model_kwargs or {})
+    try:
+        return timm.create_model(model_name, pretrained=False, **{**base, **dynamic, **kwargs})
+    except TypeError as err:
+        if "dynamic_img" not in str(err):
+            raise ValueError(f"timm.create_model({model_name!r}) failed: {err}") from None
+    return timm.create_model(model_name, pretrained=False, **{**base, **kwargs})
+
+
 class VisionEncoder(nn.Module):
     """Frozen timm backbone: ``forward(pixels) -> (patch tokens (B, P, D), (gh, gw))``.
 
@@ -241,7 +258,7 @@ class VisionEncoder(nn.Module):
         elif pretrained:
             weights = resolve_hub_checkpoint(model_name, allow_download=allow_download)
 
-        self.model = self._create(model_name, dict(model_kwargs or {}))
+        self.model = create_backbone(model_name, model_kwargs)
         self._check_feature_layer()
         if weights is not None:
             _load_weights(self.model, weights, model_name)
@@ -251,18 +268,6 @@ class VisionEncoder(nn.Module):
         self.model.to(_DTYPES[dtype])
         self.requires_grad_(False)
         self.train(False)
-
-    @staticmethod
-    def _create(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
-        """Random-init model without head; dynamic sizes where the architecture accepts them."""
-        base = {"num_classes": 0}
-        dynamic = {"dynamic_img_size": True, "dynamic_img_pad": True}
-        try:
-            return timm.create_model(model_name, pretrained=False, **{**base, **dynamic, **kwargs})
-        except TypeError as err:
-            if "dynamic_img" not in str(err):
-                raise ValueError(f"timm.create_model({model_name!r}) failed: {err}") from None
-        return timm.create_model(model_name, pretrained=False, **{**base, **kwargs})
 
     def _set_sincos_pos_embed(self) -> None:
         from lit_mllm.models.resampler import sincos_pos_embed_2d
