@@ -15,7 +15,9 @@ import torch
 from benchmarks.train_throughput.__main__ import main, parse_batch_sizes, resolve_args
 from benchmarks.train_throughput.baseline import BaselineTrainee
 from benchmarks.train_throughput.lit import LitTrainee
+from benchmarks.train_throughput.notes import build_notes
 from benchmarks.train_throughput.rows import sweep
+from benchmarks.train_throughput.run import sizes_for
 from benchmarks.train_throughput.sizes import REAL, ROWS, TINY
 from benchmarks.train_throughput.stream import Sample, SampleStream, batch_stats, render
 from benchmarks.train_throughput.trainee import Trainee
@@ -262,3 +264,14 @@ def test_rows_that_would_overrun_the_time_limit_are_skipped_and_reported() -> No
     for row in train[1:]:
         assert row[-1] == "skipped: --time-limit-s 0 would be exceeded"
         assert row[TRAIN_COLUMNS.index("samples/s")] == "-"
+
+
+def test_notes_name_the_real_encoder_also_with_other_text_lengths() -> None:
+    args = resolve_args(["--text-tokens", "20,34,71"])
+    sizes = sizes_for(args)
+    assert (sizes.text_min, sizes.text_median, sizes.text_max) == (20, 34, 71)
+    notes = "\n".join(build_notes(args, sizes, torch.device("cuda")))
+    assert "LlavaConfig(CLIP ViT-L/14-336, " in notes and "a micro CLIP" not in notes
+    assert "lognormal(median 34, sigma 0.8) clipped to [20, 71] tokens" in notes
+    tiny_notes = "\n".join(build_notes(resolve_args(["--tiny"]), TINY, torch.device("cpu")))
+    assert "a micro CLIP ({'image_size': 32," in tiny_notes

@@ -23,7 +23,8 @@ from benchmarks.train_throughput.stream import SampleStream
 from lit_mllm.flops import peak_flops
 
 
-def _sizes(args: argparse.Namespace) -> Sizes:
+def sizes_for(args: argparse.Namespace) -> Sizes:
+    """The scale of the run, with the text lengths of --text-tokens when given."""
     sizes = TINY if args.tiny else REAL
     if args.text_tokens:
         low, median, high = args.text_tokens
@@ -54,7 +55,7 @@ def _budget(args: argparse.Namespace, device: torch.device) -> int | None:
 def run(args: argparse.Namespace, cuda: bool, command: str) -> str:
     """Measure every requested row; return the markdown report (also printed, and --out)."""
     device = torch.device("cuda" if cuda else "cpu")
-    sizes = _sizes(args)
+    sizes = sizes_for(args)
     torch.manual_seed(args.seed)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     peak, peak_note = _peak(args, device)
