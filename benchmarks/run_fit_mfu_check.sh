@@ -18,6 +18,6 @@ for t in ("train/loss", "perf/step_time_s", "perf/samples_per_sec", "perf/tokens
         v = [(e.step, round(e.value, 4)) for e in ea.Scalars(t)]
         print(t, "first", v[:1], "last", v[-3:])
 PY
-timeout 300 python3 benchmarks/train_throughput.py --decoders 0.5b --rows mlp --batch-sizes mlp=64 \
+timeout 300 python3 -m benchmarks.train_throughput --decoders 0.5b --rows mlp --batch-sizes mlp=64 \
   --text-tokens 20,34,71 --gen-batches 0 --loader-batches 0 --compile on --lit-attn varlen \
   --out $OUT/bench05_short.md 2>&1 | grep -E "^\| 0.5B|MFU|error" | head -8

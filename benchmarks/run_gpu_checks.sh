@@ -19,4 +19,4 @@ for d in sorted(glob.glob("runs/*/tensorboard/version_*")):
             print(d, t, v[:2], v[-3:])
 PY
 DECODERS=${1:-0.5b,1.5b}
-timeout 400 python3 benchmarks/train_throughput.py --decoders $DECODERS --time-limit-s 360 --out $OUT/throughput.md 2>&1 | tail -45
+timeout 400 python3 -m benchmarks.train_throughput --decoders $DECODERS --time-limit-s 360 --out $OUT/throughput.md 2>&1 | tail -45

@@ -1,27 +1,28 @@
-"""DataLoader throughput and padding waste of the tiny default on this machine's CPUs.
-
-    python benchmarks/loader_speed.py --dir data/synthetic --workers 2 --batches 40
-
-Uses the synthetic set written by `make demo` (or `lit-mllm-data synth --out DIR ...`).
-"""
+"""The command line: caption and instruct batches, padded and packed, timed one after another."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
+from benchmarks import loader_speed
 from lit_mllm.data.collate import padding_waste
 from lit_mllm.data.datamodule import MLLMDataModule, SyntheticData
 from lit_mllm.module import MLLMModule
 
+PROG = "python -m benchmarks.loader_speed"
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print samples/s and padding waste for every task and packing choice."""
+    summary = (loader_speed.__doc__ or "").split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog=PROG, description=summary)
     parser.add_argument("--dir", default="data/synthetic")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=40)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model = MLLMModule()
     for task in ("caption", "instruct"):
         for packing in (False, True):

@@ -2,24 +2,53 @@
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
 import math
+import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.train_throughput.__main__ import main, parse_batch_sizes, resolve_args
+from benchmarks.train_throughput.baseline import BaselineTrainee
+from benchmarks.train_throughput.lit import LitTrainee
+from benchmarks.train_throughput.notes import build_notes
+from benchmarks.train_throughput.rows import sweep
+from benchmarks.train_throughput.run import sizes_for
+from benchmarks.train_throughput.sizes import REAL, ROWS, TINY
+from benchmarks.train_throughput.stream import Sample, SampleStream, batch_stats, render
+from benchmarks.train_throughput.trainee import Trainee
+from lit_mllm.data.collate import pack
 from lit_mllm.data.special_tokens import IGNORE_INDEX
-from lit_mllm.models import attention
+from lit_mllm.flops import FlopsSpec
+from lit_mllm.models.attention import VARLEN_ATTENTION
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
-_spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
-tt = importlib.util.module_from_spec(_spec)
-sys.modules["train_throughput"] = tt
-_spec.loader.exec_module(tt)
+ROOT = Path(__file__).resolve().parents[1]
+# the report's table headers, as documented in benchmarks/README.md and read by RESULTS.md
+TRAIN_COLUMNS = [
+    "row",
+    "decoder",
+    "connector",
+    "image tok",
+    "micro-batch",
+    "attention",
+    "compile",
+    "step (ms)",
+    "samples/s",
+    "sup tok/s",
+    "real tok/s",
+    "peak mem (GiB)",
+    "padding %",
+    "TFLOP/step",
+    "MFU %",
+    "vs baseline",
+    "status",
+]
+GEN_COLUMNS = ["row", "decoder", "batch", "new tokens", "captions/s", "vs baseline", "status"]
+LOADER_COLUMNS = ["workers", "batch", "image px", "samples/s", "best lit train samples/s", "ratio"]
 
 
 def _tables(text: str) -> dict[str, list[list[str]]]:
@@ -41,20 +70,21 @@ def _number(cell: str) -> float:
 def test_tiny_run_reports_every_row_with_finite_numbers(tmp_path: Path) -> None:
     out = tmp_path / "results.md"
     argv = ["--tiny", "--decoders", "0.5b", "--out", str(out), "--loader-dir", str(tmp_path / "d")]
-    text = tt.main(argv)
+    text = main(argv)
     assert out.read_text() == text
-    for key in ("- date: ", "- device: CPU", "- versions: python", "- command: `python bench"):
+    for key in ("- date: ", "- device: CPU", "- versions: python"):
         assert key in text
-    assert "--loader-dir" in text  # the command line is recorded as given
+    command = f"- command: `python -m benchmarks.train_throughput {' '.join(argv)}`"
+    assert command in text  # the command line is recorded as given
 
     tables = _tables(text)
     train = tables["Training throughput (best micro-batch per row)"]
-    assert tuple(train[0]) == tt.TRAIN_COLUMNS
+    assert train[0] == TRAIN_COLUMNS
     rows = {r[0]: dict(zip(train[0], r, strict=True)) for r in train[1:]}
     assert list(rows) == ["baseline (HF LLaVA)", "lit-mllm mlp", "lit-mllm resampler"]
     numeric = [
         c
-        for c in tt.TRAIN_COLUMNS
+        for c in TRAIN_COLUMNS
         if c not in ("row", "decoder", "connector", "attention", "compile", "status")
     ]
     for label, row in rows.items():
@@ -71,12 +101,12 @@ def test_tiny_run_reports_every_row_with_finite_numbers(tmp_path: Path) -> None:
     assert mlp["compile"] == "no" and mlp["attention"] == "sdpa"  # CPU: no compile, no varlen
 
     gen = tables["Validation captioning speed (batched greedy decoding)"]
-    assert tuple(gen[0]) == tt.GEN_COLUMNS and len(gen) == 4
+    assert gen[0] == GEN_COLUMNS and len(gen) == 4
     for row in gen[1:]:
         assert row[-1] == "ok" and row[3] == "32" and _number(row[4]) > 0
 
     loader = tables["Data loader (MLLMDataModule, JPEG decode + transform + tokenise)"]
-    assert tuple(loader[0]) == tt.LOADER_COLUMNS and len(loader) == 2
+    assert loader[0] == LOADER_COLUMNS and len(loader) == 2
     assert _number(loader[1][3]) > 0 and math.isfinite(_number(loader[1][5]))
     assert any((tmp_path / "d" / "images" / "train").glob("*.jpg"))
 
@@ -85,9 +115,23 @@ def test_tiny_run_reports_every_row_with_finite_numbers(tmp_path: Path) -> None:
     assert all(r["steps"] == 2 for r in raw["rows"])
 
 
+def test_runs_as_a_module_from_the_repository_root() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_throughput", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.startswith("usage: python -m benchmarks.train_throughput [-h]")
+    assert "Training throughput: a plain transformers LLaVA loop vs lit-mllm" in result.stdout
+    for option in ("--tiny", "--decoders", "--batch-sizes", "--text-tokens", "--profile-steps"):
+        assert option in result.stdout
+
+
 def test_sample_stream_is_shared_long_tailed_and_30_percent_supervised() -> None:
     vocab = (16, 1000)
-    first, second = tt.SampleStream(tt.REAL, 0, vocab), tt.SampleStream(tt.REAL, 0, vocab)
+    first, second = SampleStream(REAL, 0, vocab), SampleStream(REAL, 0, vocab)
     assert torch.equal(first.get(5).text, second.get(5).text)
     assert torch.equal(first.batch(1, 4, warmup=False)[0].text, second.get(4).text)
     samples = [first.get(i) for i in range(2000)]
@@ -100,31 +144,23 @@ def test_sample_stream_is_shared_long_tailed_and_30_percent_supervised() -> None
 
 
 def test_render_puts_the_image_block_in_and_never_supervises_it() -> None:
-    sample = tt.Sample(
+    sample = Sample(
         text=torch.arange(100, 110),
         supervised=torch.tensor([0, 0, 0, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool),
         image_at=3,
     )
     block = torch.tensor([4, 5, 5, 5, 6])
-    ids, labels = tt.render(sample, block)
+    ids, labels = render(sample, block)
     assert ids.tolist() == [100, 101, 102, 4, 5, 5, 5, 6, 103, 104, 105, 106, 107, 108, 109]
     ignore = IGNORE_INDEX
     assert labels.tolist() == [ignore] * 9 + [104, 105, ignore, 107, 108, 109]
 
 
-def test_packed_segments_are_exact_and_computed_once_per_forward() -> None:
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
-    cu, longest = attention.packed_segments(positions)
-    assert cu.tolist() == [0, 3, 5, 9] and cu.dtype == torch.int32 and longest == 4
-    assert attention.packed_segments(positions)[0] is cu  # cached for the same tensor object
-    other = torch.tensor([[0, 1, 0, 1, 2, 3, 4, 0, 1]])
-    assert attention.packed_segments(other)[0].tolist() == [0, 2, 7, 9]
-
-
-def test_varlen_attention_gives_the_block_diagonal_sdpa_loss() -> None:
+def test_set_attention_switches_the_decoder_and_keeps_the_loss() -> None:
+    """The lit-mllm rows' attention choice reaches the decoder; packed rows train alike."""
     torch.manual_seed(0)
-    trainee = tt.LitTrainee(tt.TINY, "0.5b", "mlp", torch.device("cpu"))
-    stream = tt.SampleStream(tt.TINY, 0, (16, 1000))
+    trainee = LitTrainee(TINY, "0.5b", "mlp", torch.device("cpu"))
+    stream = SampleStream(TINY, 0, (16, 1000))
     batch = trainee.collate(stream.batch(0, 3, warmup=False))
     model_batch = {
         "input_ids": batch["input_ids"],
@@ -138,128 +174,104 @@ def test_varlen_attention_gives_the_block_diagonal_sdpa_loss() -> None:
     for name in ("sdpa", "varlen"):
         trainee.set_attention(name)
         assert trainee.module.model.decoder.config._attn_implementation == (
-            attention.VARLEN_ATTENTION if name == "varlen" else "sdpa"
+            VARLEN_ATTENTION if name == "varlen" else "sdpa"
         )
         losses[name] = trainee.module(model_batch)[0]
     torch.testing.assert_close(losses["varlen"], losses["sdpa"], rtol=1e-5, atol=1e-5)
-    # and attention really is per sample: one sample alone gives the same hidden states
-    trainee.set_attention("varlen")
-    first = int(batch["cu_seqlens"][1])
-    alone = {k: (v[:, :first] if torch.is_tensor(v) else v) for k, v in model_batch.items()}
-    alone["pixel_values"] = model_batch["pixel_values"][:1]
-    model = trainee.module.model
-    with torch.no_grad():
-        full = model.hidden_states(
-            model.embed(model_batch["input_ids"], model_batch["pixel_values"]),
-            None,
-            model_batch["position_ids"],
-        )
-        single = model.hidden_states(
-            model.embed(alone["input_ids"], alone["pixel_values"]), None, alone["position_ids"]
-        )
-    torch.testing.assert_close(full[:, :first], single, rtol=1e-5, atol=1e-5)
 
 
-def test_reference_varlen_matches_per_sample_sdpa_with_gqa() -> None:
-    torch.manual_seed(0)
-    q, k, v = torch.randn(9, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
-    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
-    out = attention.reference_varlen(q, k, v, cu, 5, 8**-0.5)
-    for a, b in ((0, 4), (4, 9)):
-        qs = q[a:b].transpose(0, 1)
-        ks = k[a:b].transpose(0, 1).repeat_interleave(2, dim=0)
-        vs = v[a:b].transpose(0, 1).repeat_interleave(2, dim=0)
-        scores = (qs @ ks.transpose(-1, -2)) * 8**-0.5
-        causal = torch.ones(b - a, b - a, dtype=torch.bool).tril()
-        expected = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ vs
-        torch.testing.assert_close(out[a:b], expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.skipif(attention._torch_varlen() is None, reason="torch without nn.attention.varlen")
-def test_flash_varlen_passes_arguments_the_torch_kernel_accepts(monkeypatch) -> None:
-    real = attention._torch_varlen()
-    seen = {}
-
-    def fake(*args, **kwargs):
-        inspect.signature(real).bind(*args, **kwargs)  # raises on an unknown/missing argument
-        seen.update(kwargs)
-        return args[0]
-
-    fake.__signature__ = inspect.signature(real)  # what flash_varlen reads to pick arguments
-    monkeypatch.setattr(attention, "_torch_varlen", lambda: fake)
-    attention._varlen_options.cache_clear()
-    q, kv = torch.zeros(6, 4, 8), torch.zeros(6, 2, 8)
-    attention.flash_varlen(q, kv, kv, torch.tensor([0, 6], dtype=torch.int32), 6, 0.5)
-    attention._varlen_options.cache_clear()
-    assert seen["scale"] == 0.5
-    assert seen.get("window_size") == (-1, 0) or seen.get("is_causal") is True
-
-
-class _FakeTrainee(tt.Trainee):
+class _FakeTrainee(Trainee):
     """Steps succeed below ``limit`` samples per batch and raise CUDA OOM from there on."""
 
     row = connector = "mlp"
     image_tokens = 16
 
     def __init__(self, limit: int) -> None:
-        super().__init__(tt.TINY, "0.5b", torch.device("cpu"))
+        super().__init__(TINY, "0.5b", torch.device("cpu"))
         self.limit = limit
-        self.spec = tt.FlopsSpec(1, 1, 1, 0, 1, 0, 1, 1, 1, 1, 1)
+        self.spec = FlopsSpec(1, 1, 1, 0, 1, 0, 1, 1, 1, 1, 1)
         self.zeroed = 0
 
-    def collate(self, samples):
-        sequences = [tt.render(s, torch.tensor([5] * 16)) for s in samples]
-        batch = tt.pack(sequences, 0)
-        batch.update(tt.batch_stats(sequences))
+    def collate(self, samples: Sequence[Sample]) -> dict:
+        sequences = [render(s, torch.tensor([5] * 16)) for s in samples]
+        batch = pack(sequences, 0)
+        batch.update(batch_stats(sequences))
         return batch
 
-    def step(self, batch) -> None:
+    def step(self, batch: dict) -> None:
         if batch["num_samples"] >= self.limit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def generate(self, samples: Sequence[Sample], new_tokens: int) -> torch.Tensor:
+        return torch.zeros(len(samples), new_tokens, dtype=torch.long)
 
     def zero_grad(self) -> None:
         self.zeroed += 1
 
 
 def test_out_of_memory_is_recorded_and_the_sweep_stops_there() -> None:
-    args = tt.resolve_args(["--tiny"])
+    args = resolve_args(["--tiny"])
     trainee = _FakeTrainee(limit=4)
-    stream = tt.SampleStream(tt.TINY, 0, (16, 1000))
-    probes = tt.sweep(trainee, stream, [8, 2, 4], args, budget=None)
+    stream = SampleStream(TINY, 0, (16, 1000))
+    probes = sweep(trainee, stream, [8, 2, 4], args, budget=None)
     assert [(p.batch_size, p.status) for p in probes] == [(2, "ok"), (4, "OOM")]
     assert trainee.zeroed == 1  # gradients of the failed step are dropped
     assert math.isnan(probes[1].samples_per_s) and probes[0].samples_per_s > 0
-    over = tt.sweep(_FakeTrainee(limit=99), stream, [2, 4], args, budget=1)
+    over = sweep(_FakeTrainee(limit=99), stream, [2, 4], args, budget=1)
     assert [p.status for p in over] == ["over budget"]  # peak RSS > 1 byte: first one stops
 
 
 def test_batch_size_option_for_all_rows_or_per_row() -> None:
-    assert tt.parse_batch_sizes("4,8", tiny=False) == {r: [4, 8] for r in tt.ROWS}
-    per_row = tt.parse_batch_sizes("baseline=2;resampler=64,128", tiny=False)
+    assert parse_batch_sizes("4,8", tiny=False) == {r: [4, 8] for r in ROWS}
+    per_row = parse_batch_sizes("baseline=2;resampler=64,128", tiny=False)
     assert per_row == {"baseline": [2], "mlp": [8, 16, 32, 64], "resampler": [64, 128]}
     with pytest.raises(ValueError, match="unknown row 'llava'"):
-        tt.parse_batch_sizes("llava=2", tiny=False)
+        parse_batch_sizes("llava=2", tiny=False)
 
 
 def test_real_rows_have_the_same_sizes_and_576_image_tokens() -> None:
     """Built on the meta device: no memory, but every parameter count the FLOPs use."""
     meta = torch.device("meta")
-    base = tt.BaselineTrainee(tt.REAL, "0.5b", meta)
-    lit = tt.LitTrainee(tt.REAL, "0.5b", "mlp", meta)
+    base = BaselineTrainee(REAL, "0.5b", meta)
+    lit = LitTrainee(REAL, "0.5b", "mlp", meta)
     assert base.image_tokens == lit.image_tokens == 576
     assert base.spec == lit.spec  # encoder, projector, decoder body, head: identical sizes
     assert lit.spec.decoder_head_params == 151936 * 896
-    assert lit.spec.encoder_params == 303_507_456
-    resampler = tt.LitTrainee(tt.REAL, "1.5b", "resampler", meta)
+    # ViT-L/14 at 336 px without a head: patch embedding (no bias), CLS, 577 positions, pre-
+    # and final LayerNorm, and 24 blocks of two LayerNorms, qkv, proj and a 4096-wide MLP
+    width, mlp = 1024, 4096
+    block = 2 * 2 * width + 3 * width * width + 3 * width + width * width + width
+    block += width * mlp + mlp + mlp * width + width
+    vit_l = 3 * 14 * 14 * width + width + 577 * width + 2 * 2 * width + 24 * block
+    assert lit.spec.encoder_params == vit_l == 303_507_456
+    # LLaVA's projector: Linear(1024, 896) and Linear(896, 896), both with bias
+    assert lit.spec.connector_params == (1024 * 896 + 896) + (896 * 896 + 896)
+    # Qwen2-0.5B: q (896 -> 14 x 64, bias), k and v (896 -> 2 x 64, bias), o (no bias), SwiGLU
+    # MLP (3 matrices 896 x 4864), 2 RMSNorms per layer, 24 layers and a final RMSNorm
+    layer = (896 * 896 + 896) + 2 * (896 * 128 + 128) + 896 * 896 + 3 * 896 * 4864 + 2 * 896
+    assert lit.spec.decoder_body_params == 24 * layer + 896
+    assert lit.spec.decoder_layers == 24 and lit.spec.decoder_attn_dim == 896
+    resampler = LitTrainee(REAL, "1.5b", "resampler", meta)
     assert resampler.image_tokens == 64 and len(resampler.image_block) == 66
     assert resampler.spec.decoder_layers == 28 and resampler.spec.decoder_attn_dim == 1536
 
 
 def test_rows_that_would_overrun_the_time_limit_are_skipped_and_reported() -> None:
     argv = ["--tiny", "--decoders", "0.5b", "--rows", "baseline,mlp", "--time-limit-s", "1e-6"]
-    text = tt.main([*argv, "--gen-batches", "0", "--loader-batches", "0"])
+    text = main([*argv, "--gen-batches", "0", "--loader-batches", "0"])
     train = _tables(text)["Training throughput (best micro-batch per row)"]
     assert [r[0] for r in train[1:]] == ["baseline (HF LLaVA)", "lit-mllm mlp"]
     for row in train[1:]:
         assert row[-1] == "skipped: --time-limit-s 0 would be exceeded"
-        assert row[tt.TRAIN_COLUMNS.index("samples/s")] == "-"
+        assert row[TRAIN_COLUMNS.index("samples/s")] == "-"
+
+
+def test_notes_name_the_real_encoder_also_with_other_text_lengths() -> None:
+    args = resolve_args(["--text-tokens", "20,34,71"])
+    sizes = sizes_for(args)
+    assert (sizes.text_min, sizes.text_median, sizes.text_max) == (20, 34, 71)
+    notes = "\n".join(build_notes(args, sizes, torch.device("cuda")))
+    assert "LlavaConfig(CLIP ViT-L/14-336, " in notes and "a micro CLIP" not in notes
+    assert "lognormal(median 34, sigma 0.8) clipped to [20, 71] tokens" in notes
+    tiny_notes = "\n".join(build_notes(resolve_args(["--tiny"]), TINY, torch.device("cpu")))
+    assert "a micro CLIP ({'image_size': 32," in tiny_notes

@@ -1,0 +1,112 @@
+"""The lit-mllm rows: MLLMModule stepped in a plain loop with its optimisations on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from benchmarks.train_throughput.sizes import Sizes
+from benchmarks.train_throughput.stream import Sample, batch_stats, render
+from benchmarks.train_throughput.trainee import Trainee, autocast
+from lit_mllm.data.collate import pack
+from lit_mllm.flops import spec_from_model
+from lit_mllm.models.attention import VARLEN_ATTENTION
+
+
+class LitTrainee(Trainee):
+    """MLLMModule with packing, supervised-only loss, bf16 frozen encoder, fused AdamW."""
+
+    row = "lit"
+
+    def __init__(self, sizes: Sizes, decoder: str, connector: str, device: torch.device) -> None:
+        super().__init__(sizes, decoder, device)
+        from lit_mllm.module import MLLMModule
+
+        self.row = connector
+        self.connector = connector
+        encoder = {
+            "name": sizes.encoder_name,
+            "pretrained": False,
+            "model_kwargs": dict(sizes.encoder_kwargs),
+            "feature_layer": -2,  # LLaVA's choice, as in the baseline
+            "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        }
+        with torch.device(device):
+            self.module = MLLMModule(
+                tokenizer="tiny",
+                encoder=encoder,
+                connector={"kind": connector, "num_queries": sizes.resampler_queries},
+                decoder={
+                    "config": dict(sizes.decoders[decoder]),
+                    "train": "full",
+                    "attn_implementation": "sdpa",
+                },
+            )
+        self.module.train()
+        model = self.module.model
+        ids = model.image_token_ids
+        self.image_tokens = int(self.module.num_image_tokens)
+        self.image_block = torch.tensor(
+            [ids.start] + [ids.patch] * self.image_tokens + [ids.end], dtype=torch.long
+        )
+        self.pad_token_id = int(self.module.tokenizer.pad_token_id)
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
+        self.spec = spec_from_model(model)
+        self.vocab_size = int(model.decoder.get_input_embeddings().weight.shape[0])
+
+    def set_attention(self, name: str) -> None:
+        """``sdpa`` (transformers' block-diagonal mask), ``varlen`` or ``flash_attention_2``."""
+        impl = VARLEN_ATTENTION if name == "varlen" else name
+        self.module.model.decoder.config._attn_implementation = impl
+        self.attention = name
+
+    def set_compiled(self, on: bool) -> None:
+        """Regional compilation, as `lit-mllm fit` does on CUDA (`model.compile_blocks`)."""
+        self.module.model.compile_blocks(on)
+        self.compiled = on
+
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        sequences = [render(s, self.image_block) for s in samples]
+        batch = pack(sequences, self.pad_token_id)
+        batch.update(batch_stats(sequences))
+        return batch
+
+    def step(self, batch: dict[str, Any]) -> None:
+        dev = self.device
+        model_batch = {
+            "input_ids": batch["input_ids"].to(dev, non_blocking=True),
+            "labels": batch["labels"].to(dev, non_blocking=True),
+            "position_ids": batch["position_ids"].to(dev, non_blocking=True),
+            "attention_mask": None,
+            "pixel_values": self.pixels(batch["num_samples"]),
+        }
+        with autocast(dev):
+            loss, _ = self.module(model_batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def generate(self, samples: Sequence[Sample], new_tokens: int) -> torch.Tensor:
+        ids = torch.stack([render(s, self.image_block)[0] for s in samples]).to(self.device)
+        attention, compiled = self.attention, self.compiled
+        self.set_attention("sdpa")  # KV-cache decoding: the stock path
+        self.set_compiled(False)
+        self.module.eval()
+        try:
+            with autocast(self.device):
+                return self.module.model.generate(
+                    self.pixels(len(samples)),
+                    ids,
+                    torch.ones_like(ids),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    eos_token_id=None,
+                    pad_token_id=self.pad_token_id,
+                )
+        finally:
+            self.module.train()
+            self.set_attention(attention)
+            self.set_compiled(compiled)

@@ -1,0 +1,128 @@
+"""Timing and peak memory of training steps: one row at one micro-batch size."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from benchmarks.train_throughput.device import (
+    failure_status,
+    free_memory,
+    peak_memory_bytes,
+    reset_peak,
+    sync,
+)
+from benchmarks.train_throughput.stream import SampleStream
+from benchmarks.train_throughput.trainee import Trainee
+
+
+@dataclass
+class Measurement:
+    """One timed run of one row at one micro-batch size."""
+
+    row: str
+    decoder: str
+    connector: str
+    image_tokens: int
+    batch_size: int
+    attention: str
+    compiled: bool
+    stage: str = "final"
+    status: str = "ok"
+    steps: int = 0
+    seconds: float = float("nan")
+    samples: int = 0
+    supervised: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    flops: float = 0.0
+    peak_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def step_ms(self) -> float:
+        return 1000 * self.seconds / max(self.steps, 1)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.ok else float("nan")
+
+    @property
+    def supervised_per_s(self) -> float:
+        return self.supervised / self.seconds if self.ok else float("nan")
+
+    @property
+    def real_per_s(self) -> float:
+        return self.real_tokens / self.seconds if self.ok else float("nan")
+
+    @property
+    def padding_pct(self) -> float:
+        return 100.0 * (self.padded_tokens - self.real_tokens) / max(self.padded_tokens, 1)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / 2**30
+
+    def tflop_per_step(self) -> float:
+        return self.flops / max(self.steps, 1) / 1e12
+
+    def mfu(self, peak: float) -> float:
+        return 100.0 * self.flops / self.seconds / peak if self.ok else float("nan")
+
+
+def measure(
+    trainee: Trainee,
+    stream: SampleStream,
+    batch_size: int,
+    warmup: int,
+    steps: int,
+    *,
+    stage: str = "final",
+    budget_bytes: int | None = None,
+) -> Measurement:
+    """Warm up (excluded), then time ``steps`` steps; OOM and errors become a status."""
+    result = Measurement(
+        row=trainee.row,
+        decoder=trainee.decoder_key,
+        connector=trainee.connector,
+        image_tokens=trainee.image_tokens,
+        batch_size=batch_size,
+        attention=trainee.attention,
+        compiled=trainee.compiled,
+        stage=stage,
+    )
+    device = trainee.device
+    warm = [trainee.collate(stream.batch(i, batch_size, warmup=True)) for i in range(warmup)]
+    timed = [trainee.collate(stream.batch(i, batch_size, warmup=False)) for i in range(steps)]
+    failure = None
+    try:
+        for batch in warm:
+            trainee.step(batch)
+        sync(device)
+        free_memory(device)
+        reset_peak(device)
+        start = time.perf_counter()
+        for batch in timed:
+            trainee.step(batch)
+        sync(device)
+        result.seconds = time.perf_counter() - start
+    except Exception as error:  # OOM or a failing kernel/compile: recorded, run continues
+        failure = failure_status(error)
+    if failure is not None:  # outside the except: the traceback's tensors are released
+        result.status = failure
+        trainee.zero_grad()
+        free_memory(device)
+        return result
+    result.steps = steps
+    result.samples = sum(b["num_samples"] for b in timed)
+    result.supervised = sum(b["supervised"] for b in timed)
+    result.real_tokens = sum(b["num_tokens"] for b in timed)
+    result.padded_tokens = sum(b["num_padded_tokens"] for b in timed)
+    result.flops = sum(trainee.flops(b) for b in timed)
+    result.peak_bytes = peak_memory_bytes(device)
+    if budget_bytes is not None and result.peak_bytes > budget_bytes:
+        result.status = "over budget"
+    return result

@@ -1,0 +1,91 @@
+"""What the report states about the run: device, versions and how every number was measured."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+
+import torch
+
+from benchmarks.train_throughput.sizes import Sizes
+
+
+def versions() -> str:
+    """Python and library versions, and which varlen attention kernels exist."""
+    import timm
+    import transformers
+
+    flash = importlib.util.find_spec("flash_attn") is not None
+    varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, timm {timm.__version__}, flash-attn "
+        f"{'installed' if flash else 'not installed'}, torch varlen_attn "
+        f"{'available' if varlen else 'absent'}"
+    )
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) -> list[str]:
+    """The Notes section: enough to read the numbers without the code."""
+    cuda = device.type == "cuda"
+    precision = "bf16 autocast" if cuda else "float32 (CPU, tiny sizes)"
+    # by the flag, not by identity with REAL: --text-tokens runs on a modified copy of it
+    vision = f"a micro CLIP ({sizes.clip})" if args.tiny else "CLIP ViT-L/14-336"
+    vocab = sorted({int(d["vocab_size"]) for d in sizes.decoders.values()})
+    memory = (
+        "peak allocated GPU memory over the timed steps, weights and optimizer included"
+        if cuda
+        else "on CPU: the process's peak resident set, not comparable between rows"
+    )
+    return [
+        f"Timing: {args.warmup} warm-up steps excluded, then {args.steps} timed steps per row at "
+        f"its best micro-batch; probes use {args.probe_warmup} warm-up + {args.probe_steps} "
+        "timed steps. Batches are collated before the clock starts (the loader is measured on "
+        "its own below). A micro-batch fits when it neither runs out of memory nor exceeds the "
+        f"memory budget. Peak mem: {memory}.",
+        f"Data: the same seeded stream for every row: text lengths lognormal(median "
+        f"{sizes.text_median}, sigma {sizes.text_sigma}) clipped to [{sizes.text_min}, "
+        f"{sizes.text_max}] tokens, 1-4 user/assistant turns, assistant share ~Beta(3,7) (mean "
+        f"30 %), one {sizes.image_size}px image per sample ({sizes.patches} patches); random "
+        "token ids and pixels.",
+        f"Baseline: transformers LlavaForConditionalGeneration(LlavaConfig({vision}, "
+        f"Qwen2 text config, MLP projector, vision_feature_layer -2)), fp32 weights, {precision}, "
+        "attn_implementation='sdpa', vision tower requires_grad False, right-padded batches with "
+        "attention_mask and -100 labels, loss from model(labels=...) (full-vocabulary logits), "
+        "torch.optim.AdamW (default foreach), plain loop.",
+        f"lit-mllm: MLLMModule (timm {sizes.encoder_name}, pretrained false, feature_layer -2; "
+        f"decoder from a Qwen2 `config:` dict, vocab {vocab[0]}, train full) stepped "
+        f"as module(batch) -> loss; loss.backward(); AdamW(fused={cuda}).step(): packing (one row "
+        "per micro-batch, position_ids restarting per sample, attention_mask None), chunked "
+        f"loss on supervised positions only, frozen encoder in {'bf16' if cuda else 'fp32'} "
+        f"weights under no_grad, trainable weights fp32 under {precision}.",
+        "Attention for packed rows: 'sdpa' = transformers' block-diagonal mask from position_ids "
+        "(dense SDPA over the whole packed row); 'varlen' = PyTorch's built-in flash-attention "
+        "varlen kernel (torch.nn.attention.varlen.varlen_attn) registered as a transformers "
+        "attention function by this script; 'flash_attention_2' only when flash-attn is "
+        "installed. Compile = torch.compile of every decoder layer (dynamic shapes) and encoder "
+        "block; kept only when it wins the probe by more than 2 %.",
+        "MFU = model FLOPs per step / step time / peak dense bf16 FLOP/s of the device "
+        "(lit_mllm.flops): per image encoder forward only 2*N_enc*T + 4*L_enc*D_enc*T^2 "
+        "(T = patches + CLS); connector 6*N_conn*P (+ 12*Q*P*D for the resampler); decoder "
+        "6*N_body*sum(S_i) + 12*L*D_attn*sum(S_i^2) with S_i the real sample lengths (padding "
+        "not counted), plus the LM head 6*V*D per supervised token. Same formula for every row.",
+        f"Captioning: batched greedy decoding of exactly {args.gen_tokens} new tokens "
+        "(min_new_tokens = max_new_tokens) from a 12-token prompt with one image, training "
+        "weights under the same autocast, KV cache on; lit-mllm via MultimodalLM.generate "
+        "(SDPA, uncompiled), baseline via LlavaForConditionalGeneration.generate; first batch "
+        "is warm-up.",
+        "Data loader: MLLMDataModule (task instruct, packing, tiny tokenizer, the encoder's timm "
+        "transform) over the synthetic set written as JPEG; the first batch (worker start-up) is "
+        "excluded. It must exceed the training samples/s to keep the GPU fed.",
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for all rows (set by the script).",
+    ]

@@ -1,0 +1,206 @@
+"""The markdown report (four tables and the notes) and, beside it, the raw numbers as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks.train_throughput.generation import GenResult
+from benchmarks.train_throughput.loader import LoaderResult
+from benchmarks.train_throughput.measure import Measurement
+from benchmarks.train_throughput.rows import RowReport
+from benchmarks.train_throughput.sizes import row_label
+
+TRAIN_COLUMNS = (
+    "row",
+    "decoder",
+    "connector",
+    "image tok",
+    "micro-batch",
+    "attention",
+    "compile",
+    "step (ms)",
+    "samples/s",
+    "sup tok/s",
+    "real tok/s",
+    "peak mem (GiB)",
+    "padding %",
+    "TFLOP/step",
+    "MFU %",
+    "vs baseline",
+    "status",
+)
+GEN_COLUMNS = ("row", "decoder", "batch", "new tokens", "captions/s", "vs baseline", "status")
+LOADER_COLUMNS = ("workers", "batch", "image px", "samples/s", "best lit train samples/s", "ratio")
+PROBE_COLUMNS = (
+    "row",
+    "decoder",
+    "stage",
+    "micro-batch",
+    "attention",
+    "compile",
+    "samples/s",
+    "peak mem (GiB)",
+    "status",
+)
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float) -> str:
+    return f"{_fmt(value, 2)}x" if math.isfinite(value) else "-"
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _train_table(finals: Sequence[Measurement], peak: float) -> list[str]:
+    base = {m.decoder: m for m in finals if m.row == "baseline" and m.ok}
+    rows = []
+    for m in finals:
+        ref = base.get(m.decoder)
+        speedup = m.samples_per_s / ref.samples_per_s if ref and m.ok else float("nan")
+        rows.append(
+            [
+                row_label(m.row),
+                m.decoder,
+                m.connector,
+                str(m.image_tokens),
+                str(m.batch_size),
+                m.attention,
+                "yes" if m.compiled else "no",
+                _fmt(m.step_ms),
+                _fmt(m.samples_per_s, 2),
+                _fmt(m.supervised_per_s, 0),
+                _fmt(m.real_per_s, 0),
+                _fmt(m.peak_gib, 2),
+                _fmt(m.padding_pct),
+                _fmt(m.tflop_per_step(), 2),
+                _fmt(m.mfu(peak)),
+                _ratio(speedup),
+                m.status,
+            ]
+        )
+    return _table(TRAIN_COLUMNS, rows)
+
+
+def _generation_table(gens: Sequence[GenResult]) -> list[str]:
+    base = {g.decoder: g for g in gens if g.row == "baseline" and g.status == "ok"}
+    rows = []
+    for g in gens:
+        ref = base.get(g.decoder)
+        ratio = g.captions_per_s / ref.captions_per_s if ref else float("nan")
+        rows.append(
+            [
+                row_label(g.row),
+                g.decoder,
+                str(g.batch_size),
+                str(g.new_tokens),
+                _fmt(g.captions_per_s, 2),
+                _ratio(ratio),
+                g.status,
+            ]
+        )
+    return _table(GEN_COLUMNS, rows)
+
+
+def _loader_table(loader: Sequence[LoaderResult], finals: Sequence[Measurement]) -> list[str]:
+    """Loader samples/s next to the fastest lit-mllm row's: the loader must keep up with it."""
+    lit = [m.samples_per_s for m in finals if m.row != "baseline" and m.ok]
+    best_train = max(lit) if lit else float("nan")
+    rows = []
+    for r in loader:
+        ratio = r.samples_per_s / best_train if math.isfinite(best_train) else float("nan")
+        speed = _fmt(r.samples_per_s) if r.status == "ok" else r.status
+        rows.append(
+            [
+                str(r.workers),
+                str(r.batch_size),
+                str(r.image_size),
+                speed,
+                _fmt(best_train, 2),
+                _ratio(ratio),
+            ]
+        )
+    return _table(LOADER_COLUMNS, rows)
+
+
+def _probe_table(probes: Sequence[Measurement]) -> list[str]:
+    rows = [
+        [
+            row_label(p.row),
+            p.decoder,
+            p.stage,
+            str(p.batch_size),
+            p.attention,
+            "yes" if p.compiled else "no",
+            _fmt(p.samples_per_s, 2),
+            _fmt(p.peak_gib, 2),
+            p.status,
+        ]
+        for p in probes
+    ]
+    return _table(PROBE_COLUMNS, rows)
+
+
+def render_report(
+    header: list[str],
+    reports: list[RowReport],
+    loader: list[LoaderResult],
+    peak: float,
+    notes: list[str],
+) -> str:
+    """The whole markdown report; sections without measurements are left out."""
+    finals = [r.final for r in reports if r.final is not None]
+    lines = list(header) + ["", "## Training throughput (best micro-batch per row)", ""]
+    lines += _train_table(finals, peak)
+    profiles = [r.profile for r in reports if r.profile]
+    if profiles:
+        lines += ["", "## Where the step time goes (torch.profiler)", ""]
+        for text in profiles:
+            lines += [text, ""]
+    gens = [r.generation for r in reports if r.generation is not None]
+    if gens:
+        lines += ["", "## Validation captioning speed (batched greedy decoding)", ""]
+        lines += _generation_table(gens)
+    if loader:
+        lines += ["", "## Data loader (MLLMDataModule, JPEG decode + transform + tokenise)", ""]
+        lines += _loader_table(loader, finals)
+    probes = [p for r in reports for p in r.probes]
+    if probes:
+        lines += ["", "## Probes (short runs that chose attention, compile and micro-batch)", ""]
+        lines += _probe_table(probes)
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(
+    out: Path,
+    text: str,
+    header: list[str],
+    reports: list[RowReport],
+    loader: list[LoaderResult],
+    peak: float,
+) -> None:
+    """The markdown report and, beside it, the raw numbers as JSON."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    raw = {
+        "header": header,
+        "rows": [asdict(r.final) for r in reports if r.final is not None],
+        "probes": [asdict(p) for r in reports for p in r.probes],
+        "generation": [asdict(r.generation) for r in reports if r.generation is not None],
+        "loader": [asdict(r) for r in loader],
+        "peak_flops": peak,
+    }
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))

@@ -1,0 +1,203 @@
+"""One row of the table: choose attention and compile, sweep micro-batches, run the best."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from benchmarks.train_throughput.baseline import BaselineTrainee
+from benchmarks.train_throughput.device import failure_status, free_memory
+from benchmarks.train_throughput.generation import GenResult, measure_generation
+from benchmarks.train_throughput.lit import LitTrainee
+from benchmarks.train_throughput.measure import Measurement, measure
+from benchmarks.train_throughput.profiling import profile_training
+from benchmarks.train_throughput.sizes import Sizes
+from benchmarks.train_throughput.stream import SampleStream
+from benchmarks.train_throughput.trainee import Trainee
+from lit_mllm.models.attention import varlen_available
+
+
+@dataclass
+class Choices:
+    """Attention backend and compile choice made on the first lit-mllm row, reused after."""
+
+    attention: str | None = None
+    compiled: bool | None = None
+
+
+@dataclass
+class RowReport:
+    """Everything measured for one row: the final run, its probes, captions, profile."""
+
+    final: Measurement | None
+    probes: list[Measurement] = field(default_factory=list)
+    generation: GenResult | None = None
+    profile: str | None = None
+    seconds: float = 0.0
+
+
+def _best(results: Sequence[Measurement]) -> Measurement | None:
+    ok = [m for m in results if m.ok]
+    return max(ok, key=lambda m: m.samples_per_s) if ok else None
+
+
+def probe(
+    trainee: Trainee,
+    stream: SampleStream,
+    batch_size: int,
+    args: argparse.Namespace,
+    stage: str,
+    budget: int | None,
+    extra_warmup: int = 0,
+) -> Measurement:
+    """A short run that only has to rank configurations."""
+    warmup = args.probe_warmup + extra_warmup
+    return measure(
+        trainee, stream, batch_size, warmup, args.probe_steps, stage=stage, budget_bytes=budget
+    )
+
+
+def choose_lit_config(
+    trainee: LitTrainee,
+    stream: SampleStream,
+    args: argparse.Namespace,
+    choices: Choices,
+    batch_size: int,
+    budget: int | None,
+) -> list[Measurement]:
+    """Try the attention backends, then compile, at ``batch_size``; keep what is fastest."""
+    probes: list[Measurement] = []
+    device = trainee.device
+    if choices.attention is None:
+        candidates = ["sdpa"]
+        if varlen_available(device):
+            candidates.append("varlen")
+        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            candidates.append("flash_attention_2")
+        if args.lit_attn != "auto":
+            candidates = [args.lit_attn]
+        if len(candidates) == 1:
+            choices.attention = candidates[0]
+        else:
+            for name in candidates:
+                trainee.set_attention(name)
+                probes.append(probe(trainee, stream, batch_size, args, "attention", budget))
+            best = _best(probes)
+            choices.attention = best.attention if best else "sdpa"
+    trainee.set_attention(choices.attention)
+    if choices.compiled is None:
+        if args.compile == "auto" and device.type == "cuda":
+            eager = [m for m in probes if m.attention == choices.attention and m.ok]
+            if not eager:
+                eager = [probe(trainee, stream, batch_size, args, "compile", budget)]
+                probes.extend(eager)
+            trainee.set_compiled(True)
+            # two more warm-up steps: the first compiled step compiles, the next may recompile
+            compiled = probe(trainee, stream, batch_size, args, "compile", budget, extra_warmup=2)
+            probes.append(compiled)
+            wins = compiled.ok and (
+                not eager[0].ok or compiled.samples_per_s > 1.02 * eager[0].samples_per_s
+            )
+            choices.compiled = bool(wins)
+        else:
+            choices.compiled = args.compile == "on"
+    trainee.set_compiled(choices.compiled)
+    return probes
+
+
+def _same_config(m: Measurement, trainee: Trainee) -> bool:
+    return m.attention == trainee.attention and m.compiled == trainee.compiled
+
+
+def sweep(
+    trainee: Trainee,
+    stream: SampleStream,
+    sizes: Sequence[int],
+    args: argparse.Namespace,
+    budget: int | None,
+    done: Sequence[Measurement] = (),
+) -> list[Measurement]:
+    """Probe micro-batch sizes in ascending order; stop at the first that does not fit."""
+    probes: list[Measurement] = []
+    for size in sorted(sizes):
+        reuse = [m for m in done if m.batch_size == size and _same_config(m, trainee)]
+        result = reuse[-1] if reuse else None
+        if result is None:
+            result = probe(trainee, stream, size, args, "batch", budget)
+            probes.append(result)
+        if not result.ok:
+            break
+    return probes
+
+
+def placeholder_row(row: str, decoder: str, status: str) -> Measurement:
+    """The table line of a row that could not be measured (build failure, time limit)."""
+    return Measurement(
+        row=row,
+        decoder=decoder,
+        connector="mlp" if row == "baseline" else row,
+        image_tokens=0,
+        batch_size=0,
+        attention="-",
+        compiled=False,
+        status=status.splitlines()[0][:160],
+    )
+
+
+def run_row(
+    row: str,
+    decoder: str,
+    sizes: Sizes,
+    device: torch.device,
+    stream: SampleStream,
+    args: argparse.Namespace,
+    choices: Choices,
+    budget: int | None,
+) -> RowReport:
+    """Build the row's trainee, choose its configuration and micro-batch, run it, free it."""
+    start = time.perf_counter()
+    trainee: Trainee | None = None
+    report = RowReport(final=None)
+    try:
+        trainee = (
+            BaselineTrainee(sizes, decoder, device)
+            if row == "baseline"
+            else LitTrainee(sizes, decoder, row, device)
+        )
+        batch_sizes = args.batch_sizes[row]
+        if isinstance(trainee, LitTrainee):
+            report.probes += choose_lit_config(
+                trainee, stream, args, choices, min(batch_sizes), budget
+            )
+        if len(batch_sizes) > 1:
+            report.probes += sweep(trainee, stream, batch_sizes, args, budget, report.probes)
+        fitting = [m for m in report.probes if m.ok and _same_config(m, trainee)]
+        order = sorted(fitting, key=lambda m: -m.samples_per_s)
+        candidates = [m.batch_size for m in order] or [min(batch_sizes)]
+        for size in dict.fromkeys(candidates):  # best first; fall back if the long run fails
+            final = measure(trainee, stream, size, args.warmup, args.steps, budget_bytes=budget)
+            report.final = final
+            if final.ok:
+                break
+        final = report.final
+        if args.profile_steps > 0 and final is not None and final.ok and device.type == "cuda":
+            report.profile = profile_training(trainee, stream, final, args.profile_steps)
+        if args.gen_batches > 0:
+            report.generation = measure_generation(
+                trainee, stream, args.gen_batch_size, args.gen_batches, args.gen_tokens
+            )
+    except Exception as error:  # building the row failed: report it, go on with the others
+        report.final = placeholder_row(row, decoder, failure_status(error))
+    finally:
+        if trainee is not None:
+            trainee.close()
+        del trainee
+        free_memory(device)
+        torch.compiler.reset()
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,83 @@
+"""Varlen attention for packed rows (lit_mllm.models.attention) against per-sample SDPA."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from micro import MICRO_DECODER
+
+from lit_mllm.models import attention
+from tests.test_model import make_batch, micro_module
+
+
+def test_packed_segments_are_exact_and_computed_once_per_forward() -> None:
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    cu, longest = attention.packed_segments(positions)
+    assert cu.tolist() == [0, 3, 5, 9] and cu.dtype == torch.int32 and longest == 4
+    assert attention.packed_segments(positions)[0] is cu  # cached for the same tensor object
+    other = torch.tensor([[0, 1, 0, 1, 2, 3, 4, 0, 1]])
+    assert attention.packed_segments(other)[0].tolist() == [0, 2, 7, 9]
+
+
+def test_reference_varlen_matches_per_sample_sdpa_with_gqa() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(9, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    out = attention.reference_varlen(q, k, v, cu, 5, 8**-0.5)
+    for a, b in ((0, 4), (4, 9)):
+        qs = q[a:b].transpose(0, 1)
+        ks = k[a:b].transpose(0, 1).repeat_interleave(2, dim=0)
+        vs = v[a:b].transpose(0, 1).repeat_interleave(2, dim=0)
+        scores = (qs @ ks.transpose(-1, -2)) * 8**-0.5
+        causal = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        expected = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ vs
+        torch.testing.assert_close(out[a:b], expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(attention._torch_varlen() is None, reason="torch without nn.attention.varlen")
+def test_flash_varlen_passes_arguments_the_torch_kernel_accepts(monkeypatch) -> None:
+    real = attention._torch_varlen()
+    seen = {}
+
+    def fake(*args, **kwargs):
+        inspect.signature(real).bind(*args, **kwargs)  # raises on an unknown/missing argument
+        seen.update(kwargs)
+        return args[0]
+
+    fake.__signature__ = inspect.signature(real)  # what flash_varlen reads to pick arguments
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: fake)
+    attention._varlen_options.cache_clear()
+    q, kv = torch.zeros(6, 4, 8), torch.zeros(6, 2, 8)
+    attention.flash_varlen(q, kv, kv, torch.tensor([0, 6], dtype=torch.int32), 6, 0.5)
+    attention._varlen_options.cache_clear()
+    assert seen["scale"] == 0.5
+    assert seen.get("window_size") == (-1, 0) or seen.get("is_causal") is True
+
+
+def test_varlen_attention_gives_the_block_diagonal_sdpa_loss() -> None:
+    """A packed row under ``lit_varlen`` trains like transformers' SDPA with the block-diagonal
+    mask it derives from the restarting position ids, and each sample only sees itself."""
+    sdpa = micro_module().eval()
+    decoder = {**MICRO_DECODER, "attn_implementation": attention.VARLEN_ATTENTION}
+    varlen = micro_module(decoder=decoder).eval()
+    varlen.load_state_dict(sdpa.state_dict())
+    config = varlen.model.decoder.config
+    assert config._attn_implementation == attention.VARLEN_ATTENTION
+    batch = make_batch(sdpa, packing=True)  # one row, attention_mask None, 3 samples
+    assert batch["attention_mask"] is None and len(batch["cu_seqlens"]) == 4
+    with torch.no_grad():
+        expected, _ = sdpa(batch)
+        loss, _ = varlen(batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+    model = varlen.model
+    first = int(batch["cu_seqlens"][1])
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    with torch.no_grad():
+        full = model.hidden_states(model.embed(ids, batch["pixel_values"]), None, positions)
+        alone = model.hidden_states(
+            model.embed(ids[:, :first], batch["pixel_values"][:1]), None, positions[:, :first]
+        )
+    torch.testing.assert_close(full[:, :first], alone, rtol=1e-5, atol=1e-5)
