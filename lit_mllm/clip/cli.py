@@ -15,6 +15,9 @@ class ClipCLI(LightningCLI):
             "model.image_data_config", "data.image_data_config", apply_on="instantiate"
         )
         parser.link_arguments("model.tokenizer", "data.tokenizer")
+        parser.link_arguments(
+            "model.fact_loss_weight", "data.cell_labels", compute_fn=lambda weight: weight > 0
+        )
 
 
 def main(args: list[str] | None = None) -> None:

@@ -7,8 +7,10 @@ wording. Validation always uses the first reference, so its retrieval score is r
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,14 +26,50 @@ from lit_mllm.data.transforms import build_image_transform, load_rgb_image
 log = logging.getLogger(__name__)
 
 
-class CaptionPairs(Dataset):
-    """(pixels, caption ids, image index) per image of a caption store."""
+def cell_fact_labels(scene: dict[str, Any]) -> torch.Tensor:
+    """(cells, 3) class indices [kind, colour, size] of each grid cell; 0 = no shape there."""
+    from lit_mllm.data.synthetic import COLOURS, GRID, KINDS, SIZES
 
-    def __init__(self, samples: SampleStore, transform: Any, tokenizer: Any, train: bool) -> None:
+    labels = torch.zeros(GRID * GRID, 3, dtype=torch.long)
+    for shape in scene["shapes"]:
+        labels[shape["row"] * GRID + shape["col"]] = torch.tensor(
+            [
+                KINDS.index(shape["kind"]) + 1,
+                list(COLOURS).index(shape["colour"]) + 1,
+                SIZES.index(shape["size"]) + 1,
+            ]
+        )
+    return labels
+
+
+def read_scenes(annotation_file: str) -> dict[Any, dict[str, Any]]:
+    """Image id -> the drawn scene, which the synthetic COCO files carry beside each image."""
+    images = json.loads(Path(annotation_file).read_text())["images"]
+    missing = [im["id"] for im in images if "scene" not in im]
+    if missing:
+        raise ValueError(
+            f"{annotation_file}: images {missing[:3]} have no 'scene'; per-cell fact labels need "
+            "the synthetic set (set model.fact_loss_weight: 0 for other caption data)"
+        )
+    return {im["id"]: im["scene"] for im in images}
+
+
+class CaptionPairs(Dataset):
+    """(pixels, caption ids, image index[, per-cell fact labels]) per image of a caption store."""
+
+    def __init__(
+        self,
+        samples: SampleStore,
+        transform: Any,
+        tokenizer: Any,
+        train: bool,
+        scenes: dict[Any, dict[str, Any]] | None = None,
+    ) -> None:
         self.samples = samples
         self.transform = transform
         self.tokenizer = tokenizer
         self.train = train
+        self.scenes = scenes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -44,7 +82,10 @@ class CaptionPairs(Dataset):
         pick = int(torch.randint(len(captions), ())) if self.train else 0
         ids = self.tokenizer(captions[pick], add_special_tokens=False)["input_ids"]
         pixels = self.transform(load_rgb_image(sample.image_paths[0]))
-        return {"pixel_values": pixels, "input_ids": torch.tensor(ids), "index": index}
+        item = {"pixel_values": pixels, "input_ids": torch.tensor(ids), "index": index}
+        if self.scenes is not None:
+            item["cell_labels"] = cell_fact_labels(self.scenes[sample.image_id])
+        return item
 
 
 def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -54,18 +95,23 @@ def collate_pairs(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, t
     for row, item in enumerate(items):
         ids[row, : len(item["input_ids"])] = item["input_ids"]
         mask[row, : len(item["input_ids"])] = 1
-    return {
+    batch = {
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "input_ids": ids,
         "attention_mask": mask,
         "index": torch.tensor([item["index"] for item in items]),
     }
+    if "cell_labels" in items[0]:
+        batch["cell_labels"] = torch.stack([item["cell_labels"] for item in items])
+    return batch
 
 
 class CaptionPairDataModule(L.LightningDataModule):
     """The synthetic set (written once, like the multimodal DataModule does) as caption pairs.
 
     ``image_data_config`` is the encoder's timm data config; the CLI links it from the model.
+    ``cell_labels``: also yield each grid cell's [kind, colour, size] (from the drawn scenes) for
+    the model's fact heads; the CLI links it from ``model.fact_loss_weight > 0``.
     """
 
     def __init__(
@@ -73,6 +119,7 @@ class CaptionPairDataModule(L.LightningDataModule):
         synthetic: SyntheticData | None = None,
         image_data_config: dict[str, Any] | None = None,
         tokenizer: str = "tiny",
+        cell_labels: bool = False,
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -84,6 +131,7 @@ class CaptionPairDataModule(L.LightningDataModule):
         self.synthetic = synthetic or SyntheticData()
         self.image_data_config = image_data_config
         self.tokenizer_name = tokenizer
+        self.cell_labels = cell_labels
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -104,7 +152,10 @@ class CaptionPairDataModule(L.LightningDataModule):
             source = self.synthetic.source(split)
             store = load_source("coco", source.file, source.image_root)
             transform = build_image_transform(self.image_data_config, crop_pct=1.0)
-            self.datasets[split] = CaptionPairs(store, transform, self.tokenizer, split == "train")
+            scenes = read_scenes(source.file) if self.cell_labels else None
+            self.datasets[split] = CaptionPairs(
+                store, transform, self.tokenizer, split == "train", scenes
+            )
 
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         train = split == "train"

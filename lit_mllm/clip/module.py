@@ -32,6 +32,12 @@ WEIGHTS_FILE = "model.safetensors"
 PROVENANCE_FILE = "provenance.json"
 
 
+def _fact_classes() -> tuple[tuple[str, ...], ...]:
+    from lit_mllm.data.synthetic import COLOURS, KINDS, SIZES
+
+    return KINDS, tuple(COLOURS), SIZES
+
+
 class ContrastivePretraining(L.LightningModule):
     """Image tower (any timm ViT) + text tower, trained with the symmetric InfoNCE loss.
 
@@ -43,6 +49,10 @@ class ContrastivePretraining(L.LightningModule):
         text_width / text_depth / text_heads / text_max_length: the text tower.
         lr / weight_decay / warmup_steps: AdamW with warm-up and cosine decay per step.
         init_temperature: initial softmax temperature (learned, as in CLIP).
+        contrastive_weight: weight of the image-caption InfoNCE loss.
+        fact_loss_weight: weight of per-cell fact heads (kind, colour, size or "empty" of each
+            grid cell, read from the synthetic scenes) on the pooled patch tokens of that cell;
+            0 = pure CLIP. The heads are dropped with the text tower after pretraining.
         export_dir: where ``export_encoder`` writes the encoder after ``fit``.
     """
 
@@ -60,6 +70,8 @@ class ContrastivePretraining(L.LightningModule):
         weight_decay: float = 0.05,
         warmup_steps: int = 100,
         init_temperature: float = 0.07,
+        contrastive_weight: float = 1.0,
+        fact_loss_weight: float = 0.0,
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -70,6 +82,11 @@ class ContrastivePretraining(L.LightningModule):
         vocab = len(load_tokenizer(tokenizer))
         self.text = TextTower(vocab, text_width, text_depth, text_heads, text_max_length, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        if contrastive_weight <= 0 and fact_loss_weight <= 0:
+            raise ValueError("model.contrastive_weight or model.fact_loss_weight must be > 0")
+        self.fact_heads = nn.ModuleList(
+            nn.Linear(width, len(classes) + 1) for classes in _fact_classes()
+        )
         self.export_dir = export_dir
         self._val_image: list[Tensor] = []
         self._val_text: list[Tensor] = []
@@ -87,10 +104,27 @@ class ContrastivePretraining(L.LightningModule):
         features = self.encoder.forward_features(pixel_values)
         return features[:, int(getattr(self.encoder, "num_prefix_tokens", 0)) :]
 
-    def embed(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        image = self.image_proj(self.patch_tokens(batch["pixel_values"]).mean(dim=1))
+    def embed(
+        self, batch: dict[str, Tensor], tokens: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        tokens = self.patch_tokens(batch["pixel_values"]) if tokens is None else tokens
+        image = self.image_proj(tokens.mean(dim=1))
         text = self.text(batch["input_ids"], batch["attention_mask"])
         return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+
+    def fact_loss(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of each cell's [kind, colour, size] from its pooled patch tokens."""
+        cells = math.isqrt(labels.shape[1])
+        grid = self.encoder.patch_embed.grid_size
+        maps = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+        pooled = F.adaptive_avg_pool2d(maps.float(), cells).flatten(2).transpose(1, 2)
+        losses, correct = [], []
+        for index, head in enumerate(self.fact_heads):
+            logits = head(pooled.to(head.weight.dtype)).float()
+            target = labels[..., index]
+            losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten()))
+            correct.append((logits.argmax(-1) == target).float().mean())
+        return torch.stack(losses).sum(), torch.stack(correct).mean()
 
     def contrastive_loss(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         """Symmetric cross-entropy over the batch's image-caption similarities, and top-1."""
@@ -101,17 +135,31 @@ class ContrastivePretraining(L.LightningModule):
         return loss, accuracy
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, accuracy = self.contrastive_loss(*self.embed(batch))
         size = len(batch["input_ids"])
+        tokens = self.patch_tokens(batch["pixel_values"])
+        loss = tokens.new_zeros((), dtype=torch.float32)
+        if self.hparams.contrastive_weight > 0:
+            contrastive, accuracy = self.contrastive_loss(*self.embed(batch, tokens))
+            loss = loss + self.hparams.contrastive_weight * contrastive
+            self.log("train/contrastive_loss", contrastive, batch_size=size)
+            self.log("train/batch_top1", accuracy, batch_size=size)
+            self.log("train/temperature", 1.0 / self.logit_scale.exp().detach(), batch_size=size)
+        if self.hparams.fact_loss_weight > 0:
+            facts, fact_accuracy = self.fact_loss(tokens, batch["cell_labels"])
+            loss = loss + self.hparams.fact_loss_weight * facts
+            self.log("train/fact_loss", facts, batch_size=size)
+            self.log("train/fact_accuracy", fact_accuracy, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/batch_top1", accuracy, batch_size=size)
-        self.log("train/temperature", 1.0 / self.logit_scale.exp().detach(), batch_size=size)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        image, text = self.embed(batch)
+        tokens = self.patch_tokens(batch["pixel_values"])
+        image, text = self.embed(batch, tokens)
         self._val_image.append(image)
         self._val_text.append(text)
+        if self.hparams.fact_loss_weight > 0:
+            _, accuracy = self.fact_loss(tokens, batch["cell_labels"])
+            self.log("val/fact_accuracy", accuracy, batch_size=len(tokens))
 
     def on_validation_epoch_end(self) -> None:
         """Retrieval over the whole validation set: each image must find its own caption."""
