@@ -3,13 +3,14 @@
 Each subcommand is registered by an ``add_subcommand(subparsers)`` function that adds its parser
 and sets ``handler`` (``args -> exit code``). Commands living in other modules are listed by module
 name in ``EXTRA_SUBCOMMAND_MODULES``; each such module exposes the same ``add_subcommand``.
+Nothing here imports ``lit_mllm.metrics``: the synthetic set's reference scores are printed by
+``lit-mllm-score --reference``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,12 +41,12 @@ def _run_synth(args: argparse.Namespace) -> int:
         f"wrote {summary['images']} images {summary['counts']} to {summary['out_dir']} "
         f"in {summary['seconds']:.2f} s with {summary['workers']} worker(s)"
     )
-    if args.val > 0 and not args.no_scores:
-        # Imported lazily: scoring pulls in the metrics stack, generation does not need it.
-        from lit_mllm.metrics.reference import score_synthetic_references
-
-        scores = score_synthetic_references(args.out, "val")
-        print("val leave-one-out reference scores: " + json.dumps(scores))
+    if args.val > 1:
+        val = Path(args.out) / "captions_val.json"
+        print(
+            "val leave-one-out reference scores: "
+            f"lit-mllm-score --annotations {val} --reference --metrics BLEU ROUGE_L CIDEr"
+        )
     print(f"manifest: {summary['manifest']}")
     return 0
 
@@ -68,9 +69,6 @@ def add_synth(subparsers: Subparsers) -> None:
     p.add_argument("--no-jitter", action="store_true", help="centre every shape in its grid cell")
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument(
-        "--no-scores", action="store_true", help="skip the leave-one-out reference scores"
-    )
     p.set_defaults(handler=_run_synth)
 
 

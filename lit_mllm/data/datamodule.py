@@ -209,16 +209,11 @@ class MLLMDataModule(L.LightningDataModule):
 
     # -- preparation -----------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Write the synthetic set once (rank 0); real data is only read."""
-        if self.synthetic is None or not self.synthetic.ensure_written():
-            return
-        if self.synthetic.num_val > 1:
-            try:  # the human baseline printed next to the model's scores; needs Java
-                from lit_mllm.metrics.reference import score_synthetic_references
-
-                score_synthetic_references(self.synthetic.dir, "val")
-            except Exception as error:  # never block training on the report's baseline
-                log.warning("could not score the synthetic references: %s", error)
+        """Write the synthetic set once (rank 0); real data is only read. The human baseline
+        of the run report is scored from the val file by whoever prints it (callbacks/report.py),
+        so data never needs the metrics stack."""
+        if self.synthetic is not None:
+            self.synthetic.ensure_written()
 
     def _model_setting(self, name: str) -> Any:
         module = self.trainer.lightning_module if self.trainer is not None else None

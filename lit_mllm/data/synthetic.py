@@ -761,14 +761,6 @@ def _write_split(out: Path, split: str, recs: list[dict[str, Any]], image_size: 
         _dump(out / f"llava_{split}.json", llava)
 
 
-def update_manifest(out_dir: str | Path, **fields: Any) -> None:
-    """Add fields (e.g. ``val_reference_scores``) to an existing manifest."""
-    path = Path(out_dir) / "synthetic_manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest.update(fields)
-    _dump(path, manifest, indent=2)
-
-
 def load_references(out_dir: str | Path, split: str = "val") -> dict[int, list[str]]:
     """The reference captions of a split as ``{image_id: [caption, ...]}``."""
     coco = json.loads((Path(out_dir) / f"captions_{split}.json").read_text())
