@@ -1,24 +1,19 @@
 """``lit-mllm-data``: data-preparation commands (synthetic data set, tiny tokenizer, ...).
 
-Each subcommand is registered by an ``add_subcommand(subparsers)`` function that adds its parser
-and sets ``handler`` (``args -> exit code``). Commands living in other modules are listed by module
-name in ``EXTRA_SUBCOMMAND_MODULES``; each such module exposes the same ``add_subcommand``.
-Nothing here imports ``lit_mllm.metrics``: the synthetic set's reference scores are printed by
-``lit-mllm-score --reference``.
+Each subcommand is registered by an ``add_<name>(subparsers)`` function that adds its parser and
+sets ``handler`` (``args -> exit code``). Nothing here imports ``lit_mllm.metrics``: the synthetic
+set's reference scores are printed by ``lit-mllm-score --reference``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from lit_mllm.errors import add_debug_flag, pop_debug_flag, run_reporting_errors
 
-# Modules with ``add_subcommand(subparsers)``, e.g. "lit_mllm.data.corrupt".
-EXTRA_SUBCOMMAND_MODULES: tuple[str, ...] = ("lit_mllm.data.corrupt",)
 Subparsers = argparse._SubParsersAction
 
 
@@ -100,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in BUILTIN_SUBCOMMANDS:
         add(subparsers)
-    for module in EXTRA_SUBCOMMAND_MODULES:
-        importlib.import_module(module).add_subcommand(subparsers)
     return parser
 
 
