@@ -121,8 +121,8 @@ class _Writer:
 def _read_llava(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: --src must be a synthetic data set "
-            "(make one with `lit-mllm-data synth --out DIR --train 32 --val 8 --seed 0`)"
+            f"{path} not found: src must be a synthetic data set folder "
+            "(make one with `lit-mllm-data synth --dir DIR --num-train 32 --num-val 8`)"
         )
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, list):

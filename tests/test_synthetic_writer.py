@@ -1,27 +1,25 @@
-"""The synthetic shape-captioning data set: determinism, formats, and captions that match pixels."""
+"""Writing the synthetic set: byte-identical output, formats, manifest, and reuse of a folder."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
+import PIL
+import PIL.features
 import pytest
 from PIL import Image
+from synthetic_checks import check_caption_facts
 
 from lit_mllm.data import synthetic as syn
 from lit_mllm.data.cli import main as data_cli
 
-
-def _alternatives(words: dict[str, tuple[str, ...]]) -> dict[str, str]:
-    return {key: "(?:" + "|".join(re.escape(w) for w in ws) + ")" for key, ws in words.items()}
-
-
-SIZE_RE = _alternatives(syn.SIZE_WORDS)
-COLOUR_RE = _alternatives(syn.COLOUR_WORDS)
-KIND_RE = _alternatives(syn.KIND_WORDS)
+# Hashes of files the generator wrote before it became a package (see its "about" field).
+BEFORE_THE_SPLIT = Path(__file__).parent / "fixtures" / "synthetic_sha256.json"
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +35,50 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _pixel_sha256(path: Path) -> str:
+    with Image.open(path) as im:
+        return _sha256(f"{im.mode} {im.size}".encode() + np.asarray(im).tobytes())
+
+
 def test_same_seed_is_byte_identical_for_any_worker_count(dataset: Path, tmp_path: Path) -> None:
     syn.generate_synthetic_dataset(tmp_path / "b", 40, 20, 10, seed=7, workers=2)
     a, b = _files(dataset), _files(tmp_path / "b")
     assert len(a) == 40 + 20 + 10 + 6  # images + 3 COCO files + 2 LLaVA files + manifest
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_files_equal_those_written_before_the_split(tmp_path: Path) -> None:
+    """Same settings, same bytes as the single-module generator had (images, COCO and LLaVA
+    JSON, tokenizer text, consensus captions), so `make demo` prints the same numbers.
+
+    Encoded image bytes also depend on Pillow, zlib and libjpeg: with other versions than the
+    recorded ones only the decoded pixels are compared (JSON is always compared byte for byte).
+    """
+    expected = json.loads(BEFORE_THE_SPLIT.read_text())
+    encoders = {
+        "pillow": PIL.__version__,
+        "zlib": zlib.ZLIB_RUNTIME_VERSION,
+        "libjpeg": PIL.features.version("jpg"),
+    }
+    for name, case in expected["cases"].items():
+        out = tmp_path / name
+        syn.generate_synthetic_dataset(out, workers=1, **case)
+        files = {k: _sha256(v) for k, v in _files(out).items() if k != syn.MANIFEST}
+        assert files.keys() == expected["files"][name].keys(), name
+        for key, digest in expected["files"][name].items():
+            if key.endswith(".json") or encoders == expected["encoders"]:
+                assert files[key] == digest, (name, key)
+        pixels = {k: _pixel_sha256(out / k) for k in files if not k.endswith(".json")}
+        assert pixels == expected["pixels"][name], name
+    text = "\n".join(syn.iter_synthetic_texts(1234, 3000))  # the tiny tokenizer's training text
+    assert _sha256(text.encode()) == expected["tokenizer_text"]
+    consensus = [syn.consensus_caption(syn.make_sample(0, "val", i, 72)[0]) for i in range(200)]
+    assert _sha256("\n".join(consensus).encode()) == expected["consensus_val_seed0"]
 
 
 def test_different_seed_differs(dataset: Path, tmp_path: Path) -> None:
@@ -74,6 +110,34 @@ def test_layout_and_unique_ids(dataset: Path) -> None:
     assert not (dataset / "llava_test.json").exists()
 
 
+def test_manifest_holds_the_content_settings(dataset: Path, tmp_path: Path) -> None:
+    manifest = syn.read_manifest(dataset)
+    settings = syn.SyntheticSettings(str(dataset), 40, 20, 10, seed=7)
+    assert manifest is not None and settings.matches(manifest)
+    assert {k: manifest[k] for k in settings.content()} == settings.content()
+    assert "dir" not in manifest and "task" not in manifest  # where and how it is read: not content
+    assert manifest["kinds"] == list(syn.KINDS) and manifest["captions_per_image"] == 5
+    syn.generate_synthetic_dataset(tmp_path, 4, 2, seed=0, workers=1, max_shapes=2, jitter=False)
+    manifest = json.loads((tmp_path / "synthetic_manifest.json").read_text())
+    assert manifest["max_shapes"] == 2 and manifest["jitter"] is False
+    assert syn.read_manifest(tmp_path / "nowhere") is None
+
+
+def test_ensure_written_writes_only_when_the_content_changes(tmp_path: Path) -> None:
+    settings = syn.SyntheticSettings(str(tmp_path), num_train=3, num_val=2, num_test=0)
+    assert syn.ensure_written(settings) is True
+    stamp = (tmp_path / syn.MANIFEST).stat().st_mtime_ns
+    assert syn.ensure_written(settings) is False
+    instruct = syn.SyntheticSettings(str(tmp_path), 3, 2, 0, task="instruct")
+    assert syn.ensure_written(instruct) is False  # task decides what is read, not what is written
+    assert (tmp_path / syn.MANIFEST).stat().st_mtime_ns == stamp
+    assert syn.ensure_written(syn.SyntheticSettings(str(tmp_path), 3, 2, 0, seed=1)) is True
+    assert json.loads((tmp_path / syn.MANIFEST).read_text())["seed"] == 1
+    old = {**json.loads((tmp_path / syn.MANIFEST).read_text()), "version": "1.0"}
+    (tmp_path / syn.MANIFEST).write_text(json.dumps(old))
+    assert syn.ensure_written(syn.SyntheticSettings(str(tmp_path), 3, 2, 0, seed=1)) is True
+
+
 def test_pycocotools_loads_five_distinct_captions(dataset: Path) -> None:
     from pycocotools.coco import COCO
 
@@ -86,24 +150,12 @@ def test_pycocotools_loads_five_distinct_captions(dataset: Path) -> None:
             assert len(caps) == 5 and len(set(caps)) == 5, caps
 
 
-def _named(caption: str, alternatives: dict[str, str]) -> set[str]:
-    return {key for key, pattern in alternatives.items() if re.search(rf"\b{pattern}\b", caption)}
-
-
-def _check_caption_facts(caption: str, scene: syn.Scene) -> None:
-    """Every shape named with its size, colour and kind (any of their words); no colour or
-    kind that is not drawn; counts right."""
-    assert _named(caption, COLOUR_RE) == {s.colour for s in scene.shapes}, caption
-    assert _named(caption, KIND_RE) == {s.kind for s in scene.shapes}, caption
-    for s in scene.shapes:
-        shape_re = rf"\b{SIZE_RE[s.size]} {COLOUR_RE[s.colour]} {KIND_RE[s.kind]}\b"
-        assert re.search(shape_re, caption), (caption, s)
-    sizes = {s.size for s in scene.shapes}
-    for absent in set(SIZE_RE) - sizes:  # a size no shape has is never mentioned
-        assert not re.search(rf"\b{SIZE_RE[absent]}\b", caption), caption
-    for n, word in syn.COUNT_WORDS.items():
-        if re.search(rf"\b{word} shapes?\b", caption):
-            assert n == len(scene.shapes), caption
+def test_load_references_reads_back_each_image_s_captions(dataset: Path) -> None:
+    refs = syn.load_references(dataset, "val")
+    assert sorted(refs) == list(range(41, 61))
+    coco = json.loads((dataset / "captions_val.json").read_text())
+    assert sum(len(r) for r in refs.values()) == len(coco["annotations"]) == 100
+    assert refs[41] == [a["caption"] for a in coco["annotations"] if a["image_id"] == 41]
 
 
 def test_captions_state_the_drawn_facts(dataset: Path) -> None:
@@ -114,7 +166,7 @@ def test_captions_state_the_drawn_facts(dataset: Path) -> None:
     for img in coco["images"]:
         scene = syn.Scene.from_dict(img["scene"])
         for cap in caps[img["id"]]:
-            _check_caption_facts(cap, scene)
+            check_caption_facts(cap, scene)
         # The pixel at each shape's centre has that shape's colour (noise: within 3.5 sigma).
         arr = np.asarray(Image.open(dataset / "images" / "train" / img["file_name"]), dtype=int)
         tol = 3.5 * syn.NOISE_SIGMA if scene.noise else 1
@@ -124,34 +176,6 @@ def test_captions_state_the_drawn_facts(dataset: Path) -> None:
         # A corner is background (no shape reaches the image border corner).
         bg = np.array(syn.BACKGROUNDS[scene.background])
         assert np.abs(arr[0, 0] - bg).max() <= (3.5 * syn.NOISE_SIGMA if scene.noise else 0)
-
-
-def _scene(*cells: tuple[str, int, int]) -> syn.Scene:
-    shapes = [
-        syn.Shape(k, "red", "large", r, c, (c + 0.5) * 64 / 3, (r + 0.5) * 64 / 3, 17.9)
-        for k, r, c in cells
-    ]
-    return syn.Scene(tuple(shapes), "white", False, 64)
-
-
-def test_relations_follow_the_layout() -> None:
-    horizontal = _scene(("circle", 1, 0), ("square", 1, 2))
-    vertical = _scene(("circle", 0, 1), ("square", 2, 1))
-    vertical_words = {"above", "below", "over", "under", "beneath", "top", "bottom", "upper"}
-    circle, square = KIND_RE["circle"], KIND_RE["square"]
-    for i in range(30):
-        for cap in syn.make_captions(horizontal, np.random.default_rng(i)):
-            words = set(re.findall(r"[a-z]+", cap))
-            assert not words & vertical_words, cap
-            assert words & {"left", "right"}, cap
-            wrong = rf"\b{circle} (?:to the |on the )?right|\b{square} (?:to the |on the )?left"
-            assert not re.search(wrong, cap), cap
-        for cap in syn.make_captions(vertical, np.random.default_rng(i)):
-            assert not set(re.findall(r"[a-z]+", cap)) & {"left", "right"}, cap
-            assert not re.search(rf"\b{circle} (?:below|under)|\b{square} (?:above|over)", cap)
-    a, b = vertical.shapes
-    assert syn.relation_key(a, b) == (-1, 0)
-    assert syn.relation_key(*horizontal.shapes) == (0, -1)
 
 
 def test_llava_conversations_are_valid(dataset: Path) -> None:
@@ -170,31 +194,6 @@ def test_llava_conversations_are_valid(dataset: Path) -> None:
             assert all(t["value"].strip() for t in conv)
             answers = [t["value"] for t in conv[1::2]]
             assert sum(a in refs for a in answers) == 1  # exactly one caption request
-
-
-def test_qa_answers_are_correct() -> None:
-    scene = _scene(("circle", 0, 0), ("star", 2, 2))
-    qa = dict(syn.make_qa(scene, np.random.default_rng(0)))
-    assert qa["What colour is the circle?"] == "The circle is red."
-    assert qa["Is the star small or large?"] == "The star is large."
-    assert qa["What colour is the background?"] == "The background is white."
-    assert qa["Is there a star in the image?"] == "Yes, there is a red star."
-    count_q = next(q for q in qa if q.startswith("How many"))
-    assert qa[count_q] == "There are two shapes."
-    rel = next(q for q in qa if "relative to" in q)
-    first, second = (
-        ("star", "circle") if rel.startswith("Where is the star") else ("circle", "star")
-    )
-    key = (1, 1) if first == "star" else (-1, -1)
-    assert qa[rel] in {f"The {first} is {r} the {second}." for r in syn.RELATIONS[key]}
-
-
-def test_texts_are_deterministic() -> None:
-    a = list(syn.iter_synthetic_texts(3, 20))
-    assert a == list(syn.iter_synthetic_texts(3, 20))
-    assert a != list(syn.iter_synthetic_texts(4, 20))
-    assert len(a) >= 20 * (5 + 6)  # 5 captions + at least 3 question/answer pairs per scene
-    assert any(t.startswith("<image>\n") for t in a)
 
 
 def test_generation_speed(tmp_path: Path) -> None:
@@ -222,46 +221,20 @@ def test_rerun_removes_stale_images_and_refuses_foreign_folders(tmp_path: Path) 
 
 def test_cli_synth_jpg(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["synth", "--out", str(tmp_path), "--train", "6", "--val", "3", "--seed", "2"]
-    assert data_cli([*argv, "--format", "jpg", "--image-size", "48"]) == 0
+    assert data_cli([*argv, "--test", "0", "--format", "jpg", "--image-size", "48"]) == 0
     assert "wrote 9 images" in capsys.readouterr().out
     with Image.open(tmp_path / "images" / "val" / "000007.jpg") as im:
         assert im.format == "JPEG" and im.size == (48, 48)
 
 
-def test_consensus_caption_scores_about_twice_the_leave_one_out_reference() -> None:
-    """Five writers with their own habits: references agree on the facts, not the words, so
-    the consensus wording beats a held-out reference (as strong models do on COCO). This is
-    what makes `val CIDEr >= 1.5x the reference` reachable by a model that is right."""
-    from lit_mllm.metrics.caption import CaptionScorer
-    from lit_mllm.metrics.reference import leave_one_out_scores
-
-    refs, consensus = {}, {}
-    for i in range(150):
-        scene, captions, _, _ = syn._make_sample(0, "val", i, 64)
-        refs[i], consensus[i] = captions, syn.consensus_caption(scene)
-        _check_caption_facts(consensus[i], scene)
-    loo = leave_one_out_scores(refs, metrics=("CIDEr",))["CIDEr"]
-    scorer = CaptionScorer(["CIDEr"])
-    try:
-        ids = sorted(refs)
-        ceiling = scorer.score(ids, [refs[i] for i in ids], [consensus[i] for i in ids])["CIDEr"]
-    finally:
-        scorer.close()
-    assert 1.7 < ceiling / loo < 2.5, (ceiling, loo)
-
-
-def test_scene_count_and_jitter_settings(tmp_path: Path) -> None:
-    cell = 64 / syn.GRID
-    for i in range(40):
-        one = syn.sample_scene(np.random.default_rng(i), 64, max_shapes=1)
-        assert len(one.shapes) == 1
-        fixed = syn.sample_scene(np.random.default_rng(i), 64, jitter=False)
-        for s in fixed.shapes:
-            centre = ((s.col + 0.5) * cell, (s.row + 0.5) * cell)
-            assert (s.cx, s.cy) == pytest.approx(centre, abs=1e-3)  # stored rounded
-    assert {len(syn.sample_scene(np.random.default_rng(i)).shapes) for i in range(40)} == {1, 2, 3}
-    with pytest.raises(ValueError, match="max_shapes"):
-        syn.sample_scene(np.random.default_rng(0), 64, max_shapes=4)
-    syn.generate_synthetic_dataset(tmp_path, 4, 2, seed=0, workers=1, max_shapes=2, jitter=False)
-    manifest = json.loads((tmp_path / "synthetic_manifest.json").read_text())
-    assert manifest["max_shapes"] == 2 and manifest["jitter"] is False
+def test_cli_flags_are_the_settings_fields(tmp_path: Path, capsys) -> None:
+    """The field names as flags write what the same settings write from Python."""
+    settings = syn.SyntheticSettings(
+        str(tmp_path / "py"), 4, 2, 1, seed=5, image_size=40, max_shapes=2, jitter=False
+    )
+    syn.write_synthetic(settings, workers=1)
+    argv = ["synth", "--dir", str(tmp_path / "cli"), "--num-train", "4", "--num-val", "2"]
+    argv += ["--num-test", "1", "--seed", "5", "--image-size", "40", "--max-shapes", "2"]
+    assert data_cli([*argv, "--no-jitter", "--image-format", "png", "--workers", "1"]) == 0
+    assert "lit-mllm-score --annotations" in capsys.readouterr().out  # where the baseline is
+    assert _files(tmp_path / "py") == _files(tmp_path / "cli")
