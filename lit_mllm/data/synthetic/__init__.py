@@ -1,10 +1,11 @@
 """Synthetic shape-captioning data: the embedded default data set that needs no download.
 
 ``settings`` (what a set is made of), ``scene`` (shapes and drawing), ``language`` (captions,
-questions, conversations) and ``writer`` (files on disk). The names other code uses are
-importable from here.
+questions, conversations), ``writer`` (files on disk) and ``facts`` (fact accuracy of captions
+against scenes). The names other code uses are importable from here.
 """
 
+from lit_mllm.data.synthetic.facts import FACTS, fact_accuracy, read_caption, shape_facts
 from lit_mllm.data.synthetic.language import (
     COLOUR_WORDS,
     COUNT_WORDS,
@@ -50,6 +51,7 @@ __all__ = [
     "COLOURS",
     "COLOUR_WORDS",
     "COUNT_WORDS",
+    "FACTS",
     "GRID",
     "KINDS",
     "KIND_WORDS",
@@ -69,6 +71,7 @@ __all__ = [
     "consensus_caption",
     "draw_scene",
     "ensure_written",
+    "fact_accuracy",
     "generate_synthetic_dataset",
     "image_rng",
     "iter_synthetic_texts",
@@ -77,8 +80,10 @@ __all__ = [
     "make_conversation",
     "make_qa",
     "make_sample",
+    "read_caption",
     "read_manifest",
     "relation_key",
     "sample_scene",
+    "shape_facts",
     "write_synthetic",
 ]

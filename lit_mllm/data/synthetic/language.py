@@ -4,7 +4,8 @@ Every image gets five reference captions that state the same facts (kind, colour
 of every shape), each written by a simulated annotator with its own wording habits (synonyms,
 templates, openings), plus a LLaVA-style multi-turn conversation. As with human captions, the
 most common wording (the consensus caption) scores about twice the leave-one-out reference, so
-the metric rewards a model that gets the facts right.
+the metric rewards a model that gets the facts right. The tables here are also the vocabulary
+that ``facts.py`` reads captions with.
 """
 
 from __future__ import annotations
