@@ -1,6 +1,6 @@
 """Bad data is counted, never lost: a corpus with known injected faults, trained on end to end.
 
-The corpus comes from ``lit_mllm.data.corrupt`` (``lit-mllm-data corrupt``); ``faults.json`` is
+The corpus comes from ``corrupt_corpus.py`` (a fixture beside this file); ``faults.json`` is
 its ground truth. With ``on_bad_sample: skip`` every fault must be counted exactly once under
 its reason and every good sample trained on; with ``error`` the first fault stops the run with an
 error naming the file, the sample and the reason.
@@ -23,10 +23,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from corrupt_corpus import CORPUS_NAME, FAULT_KINDS, write_corrupt_corpus
 from micro import MICRO_MODEL
 
 from lit_mllm.data.conversation import ConversationError, ConversationTokenizer
-from lit_mllm.data.corrupt import CORPUS_NAME, FAULT_KINDS, write_corrupt_corpus
 from lit_mllm.data.datamodule import MLLMDataModule, SplitSource
 from lit_mllm.data.dataset import MLLMDataset
 from lit_mllm.data.sampler import ResumableSampler
@@ -253,15 +253,15 @@ def test_unusual_but_valid_images_are_converted_to_rgb(corpus) -> None:
     assert load_rgb_image(str(good / "link_to_gray.png")).tobytes() == reference.tobytes()
 
 
-def test_corrupt_command_writes_the_corpus(synthetic, tmp_path, capsys) -> None:
-    from lit_mllm.data.cli import main
-
-    out = tmp_path / "cli"
-    assert main(["corrupt", "--src", str(synthetic), "--out", str(out), "--seed", "3"]) == 0
+def test_the_corpus_is_seeded_and_never_written_over(synthetic, tmp_path) -> None:
+    out = tmp_path / "one"
+    summary = write_corrupt_corpus(synthetic, out, seed=3)
     truth = json.loads((out / "faults.json").read_text())
-    assert truth["faults"] == write_corrupt_corpus(synthetic, tmp_path / "api", seed=3)["faults"]
-    assert "injected faults" in capsys.readouterr().out
-    assert main(["corrupt", "--src", str(synthetic), "--out", str(out), "--seed", "3"]) == 2
+    assert truth["faults"] == write_corrupt_corpus(synthetic, tmp_path / "two", seed=3)["faults"]
+    assert truth == json.loads(json.dumps(summary))
+    assert (out / CORPUS_NAME).read_bytes() == (tmp_path / "two" / CORPUS_NAME).read_bytes()
+    with pytest.raises(ValueError, match="is not empty"):
+        write_corrupt_corpus(synthetic, out, seed=3)
 
 
 def test_skip_counts_stay_per_stage_when_validating(corpus, synthetic, tmp_path) -> None:

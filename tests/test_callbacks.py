@@ -16,14 +16,15 @@ from lit_mllm.callbacks import CaptionGallery, CaptionReport, ThroughputMonitor
 from lit_mllm.callbacks.gallery import caption_table, denormalize
 from lit_mllm.callbacks.report import format_report
 from lit_mllm.data.datamodule import MLLMDataModule, SyntheticData
-from lit_mllm.data.synthetic import generate_synthetic_dataset, update_manifest
+from lit_mllm.data.synthetic import generate_synthetic_dataset
 from lit_mllm.flops import sample_lengths, spec_from_model, step_flops, supervised_token_count
+from lit_mllm.metrics.reference import reference_scores
 from lit_mllm.plots import main as plot_main
 from lit_mllm.plots import plot_curves, read_scalars
 from tests.test_model import micro_module
 
 PEAK = 1e12  # a made-up CPU peak so perf/mfu is logged
-REFERENCE = {"CIDEr": 2.0, "Bleu_4": 0.5}
+REFERENCE_METRICS = ["CIDEr", "Bleu_4"]  # ROUGE_L is scored for the model only
 WINDOW = 2
 
 
@@ -42,7 +43,6 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("fit")
     data_dir = root / "synthetic"
     generate_synthetic_dataset(data_dir, 64, 16, 0, seed=0, image_size=32, workers=1)
-    update_manifest(data_dir, val_reference_scores=REFERENCE)
     module = micro_module(
         metrics=["BLEU", "ROUGE_L", "CIDEr"], generation={"max_new_tokens": 6, "num_beams": 1}
     )
@@ -53,7 +53,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         synthetic=synthetic, batch_size=8, eval_batch_size=8, num_workers=0, max_length=128
     )
     logger = TensorBoardLogger(save_dir=str(root), name="tb")
-    report, recorder = CaptionReport(), BatchRecorder()
+    report, recorder = CaptionReport(reference_metrics=REFERENCE_METRICS), BatchRecorder()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -76,6 +76,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return SimpleNamespace(
         trainer=trainer, module=module, datamodule=datamodule, logdir=Path(logger.log_dir),
         report=report, batches=recorder.batches, scalars=read_scalars(logger.log_dir),
+        reference=reference_scores(data_dir / "captions_val.json", REFERENCE_METRICS),
     )  # fmt: skip
 
 
@@ -173,8 +174,10 @@ def test_caption_report(fitted: SimpleNamespace) -> None:
     rows = {row["metric"]: row for row in saved["metrics"]}
     assert set(rows) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
     assert rows["CIDEr"]["model"] == pytest.approx(scores["val/CIDEr"])
-    assert rows["CIDEr"]["ratio"] == pytest.approx(scores["val/CIDEr"] / REFERENCE["CIDEr"])
-    assert rows["Bleu_4"]["reference"] == REFERENCE["Bleu_4"]
+    reference = fitted.reference  # the baseline of the val file, cached next to it by the report
+    assert saved["reference_scores"] == reference and 0 < reference["CIDEr"] < 10
+    assert rows["CIDEr"]["ratio"] == pytest.approx(scores["val/CIDEr"] / reference["CIDEr"])
+    assert rows["Bleu_4"]["reference"] == reference["Bleu_4"]
     assert rows["ROUGE_L"]["reference"] is None and rows["ROUGE_L"]["ratio"] is None
     assert saved["global_step"] == 6 and saved["stage"] == "fit"
     assert 0 < saved["wall_seconds"] < 600

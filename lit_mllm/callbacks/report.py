@@ -6,29 +6,37 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from lit_mllm.metrics import reference
+from lit_mllm.metrics.reference import REPORT_KEYS
+
 log = logging.getLogger(__name__)
 
 
-def reference_scores(trainer: L.Trainer, split: str = "val") -> dict[str, float] | None:
-    """``<split>_reference_scores`` of the synthetic manifest, when the data is synthetic.
+def reference_scores(
+    trainer: L.Trainer, split: str = "val", metrics: Sequence[str] = REPORT_KEYS
+) -> dict[str, float] | None:
+    """Leave-one-out scores of the split's COCO caption file, when it has one.
 
-    These are leave-one-out scores of the references against each other: the score a
-    "human" caption gets, a natural ceiling for the model.
+    Each reference scored against the other references of its image: the score a "human"
+    caption gets, a natural ceiling for the model. Computed from the annotation file alone
+    (``metrics/reference.py``, cached next to it); never fails the report.
     """
-    synthetic = getattr(getattr(trainer, "datamodule", None), "synthetic", None)
-    if synthetic is None:
+    sources = getattr(getattr(trainer, "datamodule", None), "sources", None) or {}
+    source = sources.get(split)
+    if not metrics or source is None or getattr(source, "kind", None) != "coco":
         return None
-    path = Path(synthetic.dir) / "synthetic_manifest.json"
-    if not path.is_file():
+    try:
+        return reference.reference_scores(source.file, metrics)
+    except Exception as error:  # no Java, one reference per image, ...: a report without it
+        log.warning("no reference scores for %s: %s", source.file, error)
         return None
-    scores = json.loads(path.read_text()).get(f"{split}_reference_scores")
-    return {str(k): float(v) for k, v in scores.items()} if scores else None
 
 
 def build_report(
@@ -93,15 +101,19 @@ def _num(value: float | None) -> str:
 class CaptionReport(Callback):
     """Prints and saves the last caption scores at the end of fit, validate and test.
 
-    Reads ``pl_module.last_caption_scores`` (``{"val/CIDEr": ...}``); with synthetic data it adds
-    the manifest's leave-one-out reference scores and the model/reference ratio. The JSON goes
-    to ``trainer.log_dir``: ``caption_report.json`` after fit, ``caption_report_<stage>.json``
+    Reads ``pl_module.last_caption_scores`` (``{"val/CIDEr": ...}``); when the split comes from a
+    COCO caption file (the synthetic set does) it adds the leave-one-out reference scores of
+    ``reference_metrics`` and the model/reference ratio (an empty list: none). The JSON goes to
+    ``trainer.log_dir``: ``caption_report.json`` after fit, ``caption_report_<stage>.json``
     after validate/test.
     """
 
-    def __init__(self, print_report: bool = True) -> None:
+    def __init__(
+        self, print_report: bool = True, reference_metrics: Sequence[str] = REPORT_KEYS
+    ) -> None:
         super().__init__()
         self.print_report = print_report
+        self.reference_metrics = list(reference_metrics)
         self._start = time.perf_counter()
         self.last_report: dict[str, Any] | None = None
 
@@ -137,13 +149,9 @@ class CaptionReport(Callback):
             "loss": None if loss is None else round(float(loss), 4),
             "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
         }
-        report = build_report(
-            stage,
-            scores,
-            reference_scores(trainer, split),
-            time.perf_counter() - self._start,
-            extra,
-        )
+        wall_seconds = time.perf_counter() - self._start  # the baseline is not the run's time
+        references = reference_scores(trainer, split, self.reference_metrics)
+        report = build_report(stage, scores, references, wall_seconds, extra)
         name = "caption_report.json" if stage == "fit" else f"caption_report_{stage}.json"
         run_dir.mkdir(parents=True, exist_ok=True)
         report["report_path"] = str(run_dir / name)

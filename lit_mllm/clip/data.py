@@ -17,9 +17,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lit_mllm.data.datamodule import SyntheticData
+from lit_mllm.data.datamodule import SyntheticData, synthetic_source
 from lit_mllm.data.records import SampleStore
 from lit_mllm.data.sources import load_source
+from lit_mllm.data.synthetic import ensure_written
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.data.transforms import build_image_transform, load_rgb_image
 
@@ -139,7 +140,7 @@ class CaptionPairDataModule(L.LightningDataModule):
         self.datasets: dict[str, CaptionPairs] = {}
 
     def prepare_data(self) -> None:
-        self.synthetic.ensure_written()
+        ensure_written(self.synthetic)
 
     def setup(self, stage: str | None = None) -> None:
         if self.image_data_config is None:
@@ -149,7 +150,7 @@ class CaptionPairDataModule(L.LightningDataModule):
             )
         self.tokenizer = load_tokenizer(self.tokenizer_name)
         for split in ("train", "val"):
-            source = self.synthetic.source(split)
+            source = synthetic_source(self.synthetic, split)
             store = load_source("coco", source.file, source.image_root)
             transform = build_image_transform(self.image_data_config, crop_pct=1.0)
             scenes = read_scenes(source.file) if self.cell_labels else None

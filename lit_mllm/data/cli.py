@@ -1,76 +1,70 @@
 """``lit-mllm-data``: data-preparation commands (synthetic data set, tiny tokenizer, ...).
 
-Each subcommand is registered by an ``add_subcommand(subparsers)`` function that adds its parser
-and sets ``handler`` (``args -> exit code``). Commands living in other modules are listed by module
-name in ``EXTRA_SUBCOMMAND_MODULES``; each such module exposes the same ``add_subcommand``.
+Each subcommand is registered by an ``add_<name>(subparsers)`` function that adds its parser and
+sets ``handler`` (``args -> exit code``). Nothing here imports ``lit_mllm.metrics``: the synthetic
+set's reference scores are printed by ``lit-mllm-score --reference``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
 from collections.abc import Callable
+from dataclasses import Field, fields
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from lit_mllm.data.synthetic.settings import SyntheticSettings
 from lit_mllm.errors import add_debug_flag, pop_debug_flag, run_reporting_errors
 
-# Modules with ``add_subcommand(subparsers)``, e.g. "lit_mllm.data.corrupt".
-EXTRA_SUBCOMMAND_MODULES: tuple[str, ...] = ("lit_mllm.data.corrupt",)
 Subparsers = argparse._SubParsersAction
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from lit_mllm.data.synthetic import generate_synthetic_dataset
+    from lit_mllm.data.synthetic.writer import write_synthetic
 
-    summary = generate_synthetic_dataset(
-        args.out,
-        num_train=args.train,
-        num_val=args.val,
-        num_test=args.test,
-        seed=args.seed,
-        image_size=args.image_size,
-        image_format=args.format,
-        workers=args.workers,
-        max_shapes=args.max_shapes,
-        jitter=not args.no_jitter,
-    )
+    settings = SyntheticSettings(**{f.name: getattr(args, f.name) for f in _flag_fields()})
+    summary = write_synthetic(settings, workers=args.workers)
     print(
         f"wrote {summary['images']} images {summary['counts']} to {summary['out_dir']} "
         f"in {summary['seconds']:.2f} s with {summary['workers']} worker(s)"
     )
-    if args.val > 0 and not args.no_scores:
-        # Imported lazily: scoring pulls in the metrics stack, generation does not need it.
-        from lit_mllm.metrics.reference import score_synthetic_references
-
-        scores = score_synthetic_references(args.out, "val")
-        print("val leave-one-out reference scores: " + json.dumps(scores))
+    if settings.num_val > 1:
+        val = Path(settings.dir) / "captions_val.json"
+        print(
+            "val leave-one-out reference scores: "
+            f"lit-mllm-score --annotations {val} --reference --metrics BLEU ROUGE_L CIDEr"
+        )
     print(f"manifest: {summary['manifest']}")
     return 0
 
 
+def _flag_fields() -> list[Field[Any]]:
+    return [f for f in fields(SyntheticSettings) if f.metadata["flag"]]
+
+
 def add_synth(subparsers: Subparsers) -> None:
+    """One flag per field of ``SyntheticSettings`` (its default, help and older spellings)."""
     p = subparsers.add_parser(
         "synth",
         help="generate the synthetic shape-captioning data set",
-        description="Draw shape images with 5 reference captions each; write COCO and LLaVA JSON.",
+        description="Draw shape images with 5 reference captions each; write COCO and LLaVA JSON. "
+        "The defaults are those of the DataModule's data.synthetic.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out", type=Path, required=True, help="output folder (new or a previous run)")
-    p.add_argument("--train", type=int, required=True, help="number of training images")
-    p.add_argument("--val", type=int, required=True, help="number of validation images")
-    p.add_argument("--test", type=int, default=0, help="number of test images (default 0)")
-    p.add_argument("--seed", type=int, required=True, help="seed: same seed, same bytes")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    p.add_argument(
-        "--max-shapes", type=int, default=3, help="shapes per image: 1 to this many (at most 3)"
-    )
-    p.add_argument("--no-jitter", action="store_true", help="centre every shape in its grid cell")
-    p.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument(
-        "--no-scores", action="store_true", help="skip the leave-one-out reference scores"
-    )
+    types = get_type_hints(SyntheticSettings)
+    for f in _flag_fields():
+        flags = [f"--{f.name.replace('_', '-')}", *f.metadata["aliases"]]
+        kind = types[f.name]
+        options: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal:
+            options["choices"] = get_args(kind)
+        else:
+            options["type"] = kind
+        p.add_argument(*flags, **options)
+    p.add_argument("--workers", type=int, default=None, help="processes (None: all cores)")
     p.set_defaults(handler=_run_synth)
 
 
@@ -102,8 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in BUILTIN_SUBCOMMANDS:
         add(subparsers)
-    for module in EXTRA_SUBCOMMAND_MODULES:
-        importlib.import_module(module).add_subcommand(subparsers)
     return parser
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -18,14 +16,16 @@ from torch.utils.data import DataLoader, Subset
 from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.dataset import MLLMDataset, OnBadSample
+from lit_mllm.data.options import check_int
 from lit_mllm.data.records import SampleStore, caption_conversation
 from lit_mllm.data.sampler import ResumableSampler
 from lit_mllm.data.sources import DEFAULT_CAPTION_PROMPT, load_source
 from lit_mllm.data.special_tokens import IMAGE_PLACEHOLDER
+from lit_mllm.data.synthetic.settings import SyntheticSettings
+from lit_mllm.data.synthetic.writer import ensure_written
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, build_image_transform
 
-log = logging.getLogger(__name__)
 Stage = Literal["train", "val", "test", "predict"]
 STAGES: tuple[Stage, ...] = ("train", "val", "test", "predict")
 
@@ -43,76 +43,20 @@ class SplitSource:
     split: str | None = None
 
 
-@dataclass
-class SyntheticData:
-    """The embedded default: a procedurally drawn captioning set, written once to ``dir``."""
+# The name configs, notebooks and scripts know ``data.synthetic``'s type by.
+SyntheticData = SyntheticSettings
 
-    dir: str = "data/synthetic"
-    num_train: int = 4000
-    num_val: int = 200
-    num_test: int = 200
-    seed: int = 0
-    image_size: int = 64
-    max_shapes: int = 3
-    jitter: bool = True
-    task: Literal["caption", "instruct"] = "caption"
 
-    def check(self) -> None:
-        """Fail at construction, naming the option, rather than deep inside the generator."""
-        for name in ("num_train", "num_val", "num_test"):
-            _check_int(f"data.synthetic.{name}", getattr(self, name), 0)
-        if self.num_train + self.num_val == 0:
-            raise ValueError("data.synthetic needs num_train or num_val >= 1, got 0 and 0")
-        _check_int("data.synthetic.image_size", self.image_size, 24)
-        from lit_mllm.data.synthetic import MAX_SHAPES
-
-        _check_int("data.synthetic.max_shapes", self.max_shapes, 1, MAX_SHAPES)
-
-    def matches(self, manifest: dict[str, Any]) -> bool:
-        """Whether a written set (its manifest) was made with these settings."""
-        from lit_mllm.data.synthetic import manifest_settings
-
-        wanted = manifest_settings(
-            self.num_train,
-            self.num_val,
-            self.num_test,
-            self.seed,
-            self.image_size,
-            self.max_shapes,
-            self.jitter,
-        )
-        return all(manifest.get(key) == value for key, value in wanted.items())
-
-    def ensure_written(self) -> bool:
-        """Write the set unless ``dir`` already holds it with these settings; True if written."""
-        manifest = Path(self.dir) / "synthetic_manifest.json"
-        if manifest.exists():
-            if self.matches(json.loads(manifest.read_text())):
-                return False
-            log.warning("%s was written with other settings: writing it again", self.dir)
-        from lit_mllm.data.synthetic import generate_synthetic_dataset
-
-        log.info("writing the synthetic data set to %s", self.dir)
-        generate_synthetic_dataset(
-            self.dir,
-            self.num_train,
-            self.num_val,
-            self.num_test,
-            seed=self.seed,
-            image_size=self.image_size,
-            max_shapes=self.max_shapes,
-            jitter=self.jitter,
-        )
-        return True
-
-    def source(self, stage: Stage) -> SplitSource:
-        split = {"train": "train", "val": "val", "test": "test", "predict": "val"}[stage]
-        root = str(Path(self.dir) / "images")
-        if stage == "train" and self.task == "instruct":
-            return SplitSource("llava", str(Path(self.dir) / "llava_train.json"), root)
-        return SplitSource(
-            "coco", str(Path(self.dir) / f"captions_{split}.json"), f"{root}/{split}"
-        )
+def synthetic_source(settings: SyntheticSettings, stage: Stage) -> SplitSource:
+    """Which file of the synthetic set a stage reads: captions, or conversations to train on
+    when ``task`` is ``instruct``; predict reads the val images."""
+    split = {"train": "train", "val": "val", "test": "test", "predict": "val"}[stage]
+    root = str(Path(settings.dir) / "images")
+    if stage == "train" and settings.task == "instruct":
+        return SplitSource("llava", str(Path(settings.dir) / "llava_train.json"), root)
+    return SplitSource(
+        "coco", str(Path(settings.dir) / f"captions_{split}.json"), f"{root}/{split}"
+    )
 
 
 class MLLMDataModule(L.LightningDataModule):
@@ -125,7 +69,7 @@ class MLLMDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        synthetic: SyntheticData | None = None,
+        synthetic: SyntheticSettings | None = None,
         train: SplitSource | None = None,
         val: SplitSource | None = None,
         test: SplitSource | None = None,
@@ -155,25 +99,25 @@ class MLLMDataModule(L.LightningDataModule):
         refuses anything over twice its process-wide limit, which is never changed here.
         """
         super().__init__()
-        _check_int("data.batch_size", batch_size, 1)
-        _check_int("data.eval_batch_size", eval_batch_size, 1, optional=True)
-        _check_int("data.max_length", max_length, 2)
-        _check_int("data.num_workers", num_workers, 0)
-        _check_int("data.val_limit", val_limit, 1, optional=True)
-        _check_int("data.num_image_tokens", num_image_tokens, 1, optional=True)
-        _check_int("data.max_image_pixels", max_image_pixels, 1)
-        _check_int("data.seed", seed, None)
+        check_int("data.batch_size", batch_size, 1)
+        check_int("data.eval_batch_size", eval_batch_size, 1, optional=True)
+        check_int("data.max_length", max_length, 2)
+        check_int("data.num_workers", num_workers, 0)
+        check_int("data.val_limit", val_limit, 1, optional=True)
+        check_int("data.num_image_tokens", num_image_tokens, 1, optional=True)
+        check_int("data.max_image_pixels", max_image_pixels, 1)
+        check_int("data.seed", seed, None)
         if crop_pct is not None and not (isinstance(crop_pct, (int, float)) and crop_pct > 0):
             raise ValueError(f"data.crop_pct must be > 0 (or null), got {crop_pct!r}")
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         if synthetic is None and train is None and val is None and test is None and predict is None:
-            synthetic = SyntheticData()
+            synthetic = SyntheticSettings()
         if synthetic is not None:
-            synthetic.check()
+            synthetic.check("data.synthetic.")
         self.synthetic = synthetic
         self.sources: dict[Stage, SplitSource | None] = {
-            stage: given or (synthetic.source(stage) if synthetic else None)
+            stage: given or (synthetic_source(synthetic, stage) if synthetic else None)
             for stage, given in (
                 ("train", train),
                 ("val", val),
@@ -209,16 +153,11 @@ class MLLMDataModule(L.LightningDataModule):
 
     # -- preparation -----------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Write the synthetic set once (rank 0); real data is only read."""
-        if self.synthetic is None or not self.synthetic.ensure_written():
-            return
-        if self.synthetic.num_val > 1:
-            try:  # the human baseline printed next to the model's scores; needs Java
-                from lit_mllm.metrics.reference import score_synthetic_references
-
-                score_synthetic_references(self.synthetic.dir, "val")
-            except Exception as error:  # never block training on the report's baseline
-                log.warning("could not score the synthetic references: %s", error)
+        """Write the synthetic set once (rank 0); real data is only read. The human baseline
+        of the run report is scored from the val file by whoever prints it (callbacks/report.py),
+        so data never needs the metrics stack."""
+        if self.synthetic is not None:
+            ensure_written(self.synthetic)
 
     def _model_setting(self, name: str) -> Any:
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -413,28 +352,6 @@ class MLLMDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", shuffle=False, batch_size=self.eval_batch_size)
-
-
-def _check_int(
-    name: str,
-    value: Any,
-    minimum: int | None,
-    maximum: int | None = None,
-    *,
-    optional: bool = False,
-) -> None:
-    """Refuse a bad numeric option by its config name, before torch fails on it far away."""
-    if value is None and optional:
-        return
-    allowed = "an integer" if minimum is None else f"an integer >= {minimum}"
-    if maximum is not None:
-        allowed = f"an integer in {minimum}..{maximum}"
-    if optional:
-        allowed += " (or null)"
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
 def _seed_worker(seed: int, worker_id: int) -> None:

@@ -3,18 +3,27 @@
 A model's CIDEr means little on its own (synthetic data, a new domain); the score a held-out
 human caption gets against the remaining ones puts it in context. For k in range(n_refs),
 every image's k-th reference is the candidate and its other references are the ground truth;
-the corpus scores of these n_refs rounds are averaged.
+the corpus scores of these n_refs rounds are averaged. Only the annotation file is needed, so any
+COCO-style caption set has a baseline, and nothing here knows how a data set was made.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lit_mllm.metrics.annotations import InputError, examples, load_annotations
 from lit_mllm.metrics.caption import SCORER_KEYS, CaptionScorer, ImageId, sorted_image_ids
 from lit_mllm.metrics.java import ptb_tokenize
 
+log = logging.getLogger(__name__)
 DEFAULT_KEYS: tuple[str, ...] = ("CIDEr", "Bleu_4")
+# the baseline run reports print (callbacks/report.py): cheap, no METEOR/SPICE subprocess rounds
+REPORT_KEYS: tuple[str, ...] = ("Bleu_4", "ROUGE_L", "CIDEr")
 
 
 def _output_keys(metrics: Sequence[str]) -> list[str]:
@@ -71,15 +80,67 @@ def leave_one_out_scores(
     return {key: totals[key] / n_refs for key in keys if key in totals}
 
 
-def score_synthetic_references(
-    out_dir: str | Path,
-    split: str = "val",
-    metrics: Sequence[str] = ("Bleu_4", "ROUGE_L", "CIDEr"),
-) -> dict[str, float]:
-    """Leave-one-out scores of a synthetic split, stored in its manifest for the run report."""
-    from lit_mllm.data.synthetic import load_references, update_manifest
+def cache_path(annotation_file: str | Path) -> Path:
+    """Where the scores of ``captions_val.json`` are kept: ``captions_val.reference_scores.json``."""
+    path = Path(annotation_file)
+    return path.with_name(f"{path.stem}.reference_scores.json")
 
-    scores = leave_one_out_scores(load_references(out_dir, split), metrics=metrics)
-    scores = {k: round(float(v), 6) for k, v in scores.items()}
-    update_manifest(out_dir, **{f"{split}_reference_scores": scores})
-    return scores
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path, sha256: str) -> dict[str, float]:
+    """Cached scores of the file with this content; none when the file changed since."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cached, dict) or cached.get("sha256") != sha256:
+        return {}
+    return {str(k): float(v) for k, v in (cached.get("scores") or {}).items()}
+
+
+def reference_scores(
+    annotation_file: str | Path,
+    metrics: Sequence[str] = REPORT_KEYS,
+    **scorer_kwargs: object,
+) -> dict[str, float]:
+    """Leave-one-out scores of a COCO caption file's references (rounded to 6 digits), the human
+    baseline that run reports print next to a model's scores.
+
+    Any COCO-style annotation file with >= 2 references per image works. Scores are cached
+    next to the file, keyed on its SHA-256, so they are computed once per content (about 10 s
+    for 1,000 captions on 2 CPU cores); a folder that cannot be written is only slower.
+    """
+    path = Path(annotation_file)
+    keys = _output_keys(metrics)
+    if not path.is_file():
+        raise InputError(f"annotation file not found: {path}")
+    sha256 = _sha256(path)
+    cache = cache_path(path)
+    scores = _read_cache(cache, sha256)
+    missing = [key for key in keys if key not in scores]
+    if missing:
+        references = load_annotations(path)
+        single = [image_id for image_id, refs in references.items() if len(refs) < 2]
+        if single:
+            raise InputError(
+                f"{path}: {len(single)} image(s) have a single reference ({examples(single)}); "
+                "a leave-one-out baseline needs at least 2 per image"
+            )
+        computed = leave_one_out_scores(references, missing, **scorer_kwargs)
+        scores.update({k: round(float(v), 6) for k, v in computed.items()})
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"sha256": sha256, "scores": scores}, indent=2) + "\n")
+            os.replace(tmp, cache)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            log.warning("could not cache reference scores next to %s: %s", path, error)
+    # keys missing from every round (SPICE without its jars) are left out
+    return {key: scores[key] for key in keys if key in scores}

@@ -1,5 +1,7 @@
 """A LLaVA JSONL corpus with known injected faults, to prove that bad data is counted, not lost.
 
+A test fixture (``test_bad_data.py``), not part of the package: users never need a broken set.
+
 ``write_corrupt_corpus(src, out, seed)`` takes a synthetic data set (``src/images/train/*.png``
 and ``src/llava_train.json``) and writes::
 
@@ -23,7 +25,6 @@ Counts hold for ``max_length`` up to ``OVER_LONG_TOKENS`` (over-long records are
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -120,8 +121,8 @@ class _Writer:
 def _read_llava(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: --src must be a synthetic data set "
-            "(make one with `lit-mllm-data synth --out DIR --train 32 --val 8 --seed 0`)"
+            f"{path} not found: src must be a synthetic data set folder "
+            "(make one with `lit-mllm-data synth --dir DIR --num-train 32 --num-val 8`)"
         )
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, list):
@@ -291,29 +292,3 @@ def write_corrupt_corpus(
     }
     (out / "faults.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
-
-
-# -- lit-mllm-data corrupt -------------------------------------------------------------------------
-def _run(args: argparse.Namespace) -> int:
-    summary = write_corrupt_corpus(args.src, args.out, seed=args.seed)
-    print(
-        f"wrote {summary['num_records']} records ({summary['good']} good) to "
-        f"{Path(args.out) / CORPUS_NAME}; injected faults: {json.dumps(summary['faults'])}"
-    )
-    print(f"expected skipped at load: {json.dumps(summary['expected_skipped_at_load'])}")
-    print(f"expected skipped in training: {json.dumps(summary['expected_skipped_train'])}")
-    print(f"ground truth: {Path(args.out) / 'faults.json'}")
-    return 0
-
-
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "corrupt",
-        help="write a LLaVA JSONL corpus with known injected faults",
-        description="Build a corpus of good and broken samples (bad images, bad JSON, path "
-        "escapes, bad conversations) from a synthetic set, with faults.json as ground truth.",
-    )
-    p.add_argument("--src", type=Path, required=True, help="a synthetic data set folder")
-    p.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
-    p.add_argument("--seed", type=int, default=0, help="seed for fault counts and order")
-    p.set_defaults(handler=_run)
