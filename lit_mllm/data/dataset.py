@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from lit_mllm.data.conversation import ConversationError, ConversationTokenizer
+from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.options import OnBadSample
 from lit_mllm.data.records import SampleStore
 from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb_image
+from lit_mllm.data.turns import ConversationError
 
 
 class MLLMDataset(Dataset):
