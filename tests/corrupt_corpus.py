@@ -10,7 +10,7 @@ and ``src/llava_train.json``) and writes::
     out/outside/                files outside the root (targets of escaping links)
     out/faults.json             the ground truth (see below)
 
-Every fault kind is mapped to the reason key under which the loader (``sources.py``, counted in
+Every fault kind is mapped to the reason key under which the loader (``data/readers/``, counted in
 ``MLLMDataModule.skipped_at_load``) or the dataset (``conversation.py`` / ``transforms.py``,
 counted per batch in ``batch["skipped"]`` and ``skipped_train.json``) reports it.
 Unusual but valid images (grayscale, 16-bit, RGBA, palette with transparency, CMYK JPEG), a
@@ -44,7 +44,7 @@ OVER_LONG_TOKENS = 2048  # over-long prompts are longer than this many tokens
 @dataclass(frozen=True)
 class FaultKind:
     reason: str  # the skip-count key the code reports
-    stage: str  # "load" (sources.py) or "train" (dataset: conversation / image decoding)
+    stage: str  # "load" (data/readers/) or "train" (dataset: conversation / image decoding)
     what: str
 
 

@@ -26,14 +26,15 @@ import torch
 from corrupt_corpus import CORPUS_NAME, FAULT_KINDS, write_corrupt_corpus
 from micro import MICRO_MODEL
 
-from lit_mllm.data.conversation import ConversationError, ConversationTokenizer
+from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.datamodule import MLLMDataModule, SplitSource
 from lit_mllm.data.dataset import MLLMDataset
+from lit_mllm.data.readers import BadSampleError, MissingImageError, load_llava
 from lit_mllm.data.sampler import ResumableSampler
-from lit_mllm.data.sources import BadSampleError, MissingImageError, load_llava
 from lit_mllm.data.synthetic import generate_synthetic_dataset
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.data.transforms import BadImageError, build_image_transform, load_rgb_image
+from lit_mllm.data.turns import ConversationError
 from lit_mllm.module import MLLMModule
 
 MICRO = MICRO_MODEL

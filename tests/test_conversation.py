@@ -13,14 +13,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_mllm.data.chat_template import DEFAULT_CHAT_TEMPLATE
 from lit_mllm.data.conversation import (
-    ConversationError,
     ConversationTokenizer,
     NoSupervisedTokensError,
-    expand_image_placeholders,
-    normalize_conversation,
     tokenize_conversation,
 )
 from lit_mllm.data.special_tokens import IGNORE_INDEX, IM_END, IM_PATCH, IM_START
+from lit_mllm.data.turns import ConversationError, expand_image_placeholders, normalize_conversation
 
 Loader = Callable[[str], PreTrainedTokenizerBase]
 TEMPLATE_TOKENIZERS = ["qwen3", "mistral-7b-instruct-v0.1", "gpt2", "tiny"]
@@ -205,27 +203,6 @@ def test_marker_image_count_mismatch_names_sample(load: Loader) -> None:
             num_images=1,
             sample_id="s42",
         )
-
-
-@pytest.mark.parametrize(
-    "turns, match",
-    [
-        ([{"from": "gpt", "value": "a"}], "turn 0: expected role 'user'"),
-        (
-            [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}],
-            "turn 1: expected role 'assistant'",
-        ),
-        ([{"from": "alien", "value": "a"}], "turn 0: unknown role 'alien'"),
-        ([{"from": "human", "value": 3}], "turn 0: content must be a string"),
-        (
-            [{"from": "system", "value": "s"}, {"from": "gpt", "value": "b"}],
-            "turn 1: expected role 'user'",
-        ),
-    ],
-)
-def test_bad_conversations_name_sample_and_turn(turns, match) -> None:
-    with pytest.raises(ConversationError, match=f"sample id7, {match}"):
-        normalize_conversation(turns, sample_id="id7")
 
 
 def test_system_prompt_default_and_own(load: Loader) -> None:

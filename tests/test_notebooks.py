@@ -101,6 +101,8 @@ def test_notebook_runs(name: str, workdir: Path, monkeypatch: pytest.MonkeyPatch
     if name == "01_data_and_masks":
         assert len(images) == 2  # the batch grid and the padding/packing strips
         assert "tiny tokenizer (packaged)" in text
+        # the real templates, from the repository's tokenizer fixtures (never skipped in a clone)
+        assert "<h4>qwen3: " in text and "<h4>mistral-7b-instruct-v0.1: " in text
         assert "&lt;image x16&gt;" in text
         assert "instruction (multi-turn)" in text
     elif name == "02_train_tiny":

@@ -10,6 +10,7 @@ Token ids of template strings are never searched for: BPE merges differ by conte
 
 A reply is supervised together with the end-of-turn token the template writes after it (the
 first special token after the reply: ``<|im_end|>``, ``</s>``, ``<|endoftext|>`` ...).
+Roles, alternation and ``<image>`` blocks are checked before rendering, in ``turns.py``.
 """
 
 from __future__ import annotations
@@ -22,35 +23,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lit_mllm.data.chat_template import DEFAULT_CHAT_TEMPLATE
-from lit_mllm.data.special_tokens import (
-    IGNORE_INDEX,
-    IM_END,
-    IM_PATCH,
-    IM_START,
-    IMAGE_PLACEHOLDER,
-    add_image_tokens,
-)
+from lit_mllm.data.special_tokens import IGNORE_INDEX, add_image_tokens
+from lit_mllm.data.turns import ConversationError, expand_image_placeholders, normalize_conversation
 
-ROLE_ALIASES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "bot": "assistant",
-    "system": "system",
-}
+# stands for message i in the skeleton rendering; private-use characters no real text holds
 _PLACEHOLDER = "\ue000{}\ue001"
-
-
-class ConversationError(ValueError):
-    """A conversation that cannot be trained on; the message names the sample and the turn.
-
-    ``reason`` is a short key (``unknown_role``, ``non_alternating`` ...) used in skip counts.
-    """
-
-    def __init__(self, message: str, reason: str = "bad_conversation") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class NoSupervisedTokensError(ConversationError):
@@ -69,95 +46,6 @@ class TokenizedConversation:
     @property
     def num_supervised(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
-
-
-def normalize_conversation(
-    conversation: Sequence[Mapping[str, Any]],
-    *,
-    sample_id: str = "?",
-    system_prompt: str | None = None,
-) -> list[dict[str, str]]:
-    """Accept ``{"from","value"}`` or ``{"role","content"}`` turns; check roles and alternation."""
-    if not isinstance(conversation, Sequence) or isinstance(conversation, str):
-        raise ConversationError(
-            f"sample {sample_id}: conversation must be a list of turns", "bad_type"
-        )
-    messages: list[dict[str, str]] = []
-    for index, turn in enumerate(conversation):
-        if not isinstance(turn, Mapping):
-            raise ConversationError(
-                f"sample {sample_id}, turn {index}: a turn must be an object", "bad_type"
-            )
-        raw_role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
-        if role is None:
-            raise ConversationError(
-                f"sample {sample_id}, turn {index}: unknown role {raw_role!r} "
-                f"(expected one of {sorted(ROLE_ALIASES)})",
-                "unknown_role",
-            )
-        if not isinstance(content, str):
-            raise ConversationError(
-                f"sample {sample_id}, turn {index}: content must be a string, "
-                f"got {type(content).__name__}",
-                "bad_type",
-            )
-        if role == "assistant" and not content.strip():
-            raise ConversationError(
-                f"sample {sample_id}, turn {index}: empty assistant reply", "empty_reply"
-            )
-        messages.append({"role": role, "content": content})
-
-    body_start = 1 if messages and messages[0]["role"] == "system" else 0
-    for index in range(body_start, len(messages)):
-        expected = "user" if (index - body_start) % 2 == 0 else "assistant"
-        if messages[index]["role"] != expected:
-            raise ConversationError(
-                f"sample {sample_id}, turn {index}: expected role {expected!r}, got "
-                f"{messages[index]['role']!r} (turns must alternate user/assistant after an "
-                "optional system turn)",
-                "non_alternating",
-            )
-    if len(messages) == body_start:
-        raise ConversationError(
-            f"sample {sample_id}: conversation has no user turn", "non_alternating"
-        )
-    if body_start == 0 and system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
-
-
-def image_block(num_image_tokens: int) -> str:
-    return IM_START + IM_PATCH * num_image_tokens + IM_END
-
-
-def expand_image_placeholders(
-    messages: list[dict[str, str]], *, num_images: int, num_image_tokens: int, sample_id: str
-) -> list[dict[str, str]]:
-    """Replace each ``<image>`` with its token block; add one before the first user text if none."""
-    count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-    for index, message in enumerate(messages):
-        if message["role"] != "user" and IMAGE_PLACEHOLDER in message["content"]:
-            raise ConversationError(
-                f"sample {sample_id}, turn {index}: {IMAGE_PLACEHOLDER} is only allowed in user turns",
-                "image_count_mismatch",
-            )
-    if count == 0 and num_images > 0:
-        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages = [dict(m) for m in messages]
-        messages[first_user]["content"] = IMAGE_PLACEHOLDER + "\n" + messages[first_user]["content"]
-        count = num_images
-    if count != num_images:
-        raise ConversationError(
-            f"sample {sample_id}: {count} {IMAGE_PLACEHOLDER} marker(s) but {num_images} image(s)",
-            "image_count_mismatch",
-        )
-    block = image_block(num_image_tokens)
-    return [
-        {"role": m["role"], "content": m["content"].replace(IMAGE_PLACEHOLDER, block)}
-        for m in messages
-    ]
 
 
 class ConversationTokenizer:

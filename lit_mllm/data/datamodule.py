@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader, Subset
 
 from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
-from lit_mllm.data.dataset import MLLMDataset, OnBadSample
-from lit_mllm.data.options import check_int
+from lit_mllm.data.dataset import MLLMDataset
+from lit_mllm.data.options import OnBadSample, check_int
+from lit_mllm.data.readers import DEFAULT_CAPTION_PROMPT, load_source
 from lit_mllm.data.records import SampleStore, caption_conversation
 from lit_mllm.data.sampler import ResumableSampler
-from lit_mllm.data.sources import DEFAULT_CAPTION_PROMPT, load_source
 from lit_mllm.data.special_tokens import IMAGE_PLACEHOLDER
 from lit_mllm.data.synthetic.settings import SyntheticSettings
 from lit_mllm.data.synthetic.writer import ensure_written

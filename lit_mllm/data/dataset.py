@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from lit_mllm.data.conversation import ConversationError, ConversationTokenizer
+from lit_mllm.data.conversation import ConversationTokenizer
+from lit_mllm.data.options import OnBadSample
 from lit_mllm.data.records import SampleStore
 from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb_image
-
-OnBadSample = Literal["error", "skip"]
+from lit_mllm.data.turns import ConversationError
 
 
 class MLLMDataset(Dataset):

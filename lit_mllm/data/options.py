@@ -1,8 +1,12 @@
-"""Checks of numeric options, shared by the DataModule and the synthetic data settings."""
+"""Options shared across the data package: numeric checks (DataModule, synthetic settings) and
+what to do with a bad sample (readers, dataset, DataModule)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+# "error": raise, naming the file and the sample; "skip": leave it out and count it by reason.
+OnBadSample = Literal["error", "skip"]
 
 
 def check_int(
