@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_mllm.data.datamodule import SyntheticData, synthetic_source
-from lit_mllm.data.records import SampleStore
 from lit_mllm.data.readers import load_source
+from lit_mllm.data.records import SampleStore
 from lit_mllm.data.synthetic import ensure_written
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.data.transforms import build_image_transform, load_rgb_image

@@ -29,6 +29,7 @@ from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.models.vision import create_backbone
 
 WEIGHTS_FILE = "model.safetensors"
+FACT_NAMES = ("kind", "colour", "size")
 PROVENANCE_FILE = "provenance.json"
 
 
@@ -112,27 +113,22 @@ class ContrastivePretraining(L.LightningModule):
         text = self.text(batch["input_ids"], batch["attention_mask"])
         return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
-    def fact_loss(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-entropy of each cell's [kind, colour, size] from its pooled patch tokens."""
+    def fact_loss(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Cross-entropy of each cell's [kind, colour, size] from its pooled patch tokens, and
+        the accuracy of each fact over the cells that hold a shape."""
         cells = math.isqrt(labels.shape[1])
         grid = self.encoder.patch_embed.grid_size
         maps = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
         pooled = F.adaptive_avg_pool2d(maps.float(), cells).flatten(2).transpose(1, 2)
-        losses, correct = [], []
-        for index, head in enumerate(self.fact_heads):
+        occupied = labels[..., 0] > 0
+        losses, accuracy = [], {}
+        for index, (name, head) in enumerate(zip(FACT_NAMES, self.fact_heads, strict=True)):
             logits = head(pooled.to(head.weight.dtype)).float()
             target = labels[..., index]
             losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten()))
-            correct.append((logits.argmax(-1) == target).float().mean())
-        return torch.stack(losses).sum(), torch.stack(correct).mean()
-
-    def contrastive_loss(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
-        """Symmetric cross-entropy over the batch's image-caption similarities, and top-1."""
-        logits = self.logit_scale.exp().clamp(max=100.0) * image @ text.t()
-        target = torch.arange(len(image), device=image.device)
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-        accuracy = (logits.argmax(dim=1) == target).float().mean()
-        return loss, accuracy
+            right = (logits.argmax(-1) == target)[occupied]
+            accuracy[name] = right.float().mean()
+        return torch.stack(losses).sum(), accuracy
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         size = len(batch["input_ids"])
@@ -145,10 +141,11 @@ class ContrastivePretraining(L.LightningModule):
             self.log("train/batch_top1", accuracy, batch_size=size)
             self.log("train/temperature", 1.0 / self.logit_scale.exp().detach(), batch_size=size)
         if self.hparams.fact_loss_weight > 0:
-            facts, fact_accuracy = self.fact_loss(tokens, batch["cell_labels"])
+            facts, accuracy = self.fact_loss(tokens, batch["cell_labels"])
             loss = loss + self.hparams.fact_loss_weight * facts
             self.log("train/fact_loss", facts, batch_size=size)
-            self.log("train/fact_accuracy", fact_accuracy, batch_size=size)
+            for name, value in accuracy.items():
+                self.log(f"train/{name}_accuracy", value, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
@@ -159,7 +156,8 @@ class ContrastivePretraining(L.LightningModule):
         self._val_text.append(text)
         if self.hparams.fact_loss_weight > 0:
             _, accuracy = self.fact_loss(tokens, batch["cell_labels"])
-            self.log("val/fact_accuracy", accuracy, batch_size=len(tokens))
+            for name, value in accuracy.items():
+                self.log(f"val/{name}_accuracy", value, batch_size=len(tokens))
 
     def on_validation_epoch_end(self) -> None:
         """Retrieval over the whole validation set: each image must find its own caption."""
