@@ -130,6 +130,14 @@ class ContrastivePretraining(L.LightningModule):
             accuracy[name] = right.float().mean()
         return torch.stack(losses).sum(), accuracy
 
+    def contrastive_loss(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """Symmetric cross-entropy over the batch's image-caption similarities, and top-1."""
+        logits = self.logit_scale.exp().clamp(max=100.0) * image @ text.t()
+        target = torch.arange(len(image), device=image.device)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        accuracy = (logits.argmax(dim=1) == target).float().mean()
+        return loss, accuracy
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         size = len(batch["input_ids"])
         tokens = self.patch_tokens(batch["pixel_values"])
