@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lit_mllm.data.special_tokens import add_image_tokens
+from lit_mllm.data.special_tokens import IGNORE_INDEX, add_image_tokens
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.models.connector import build_connector, num_image_tokens
 from lit_mllm.models.decoder import build_decoder, resize_embeddings_for
@@ -94,6 +94,17 @@ class OptimConfig:
 class GenerationConfig:
     max_new_tokens: int = 32
     num_beams: int = 1
+
+
+# Each micro-batch's backward runs on its summed token loss times this constant; the step's
+# gradients are rescaled to the token mean afterwards. A power of two, so the scaling is exact;
+# it keeps per-micro-batch gradients near those of a mean over ~1k tokens (fp16 headroom).
+LOSS_SUM_SCALE = 2.0**-10
+
+
+def _empty_window() -> dict[str, Any]:
+    """What an accumulation window has seen so far on this rank."""
+    return {"tokens": 0.0, "loss_sum": 0.0, "nonfinite_loss": 0.0}
 
 
 def _coerce(kind: type, value: Any) -> Any:
@@ -201,6 +212,8 @@ class MLLMModule(L.LightningModule):
         self.skipped_steps = 0
         self._consecutive_skips = 0
         self.empty_batches = 0
+        self._window = _empty_window()
+        self._step_dropped = False  # this optimiser step's gradients were dropped (all ranks)
         if init_from:
             self.load_trainable_weights(init_from)
 
@@ -320,19 +333,24 @@ class MLLMModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """FSDP shards gradients: clip through its own ``clip_grad_norm_``."""
+        """FSDP shards gradients: clip by the global norm through its own ``clip_grad_norm_``
+        (Lightning's FSDP precision plugin refuses norm clipping, so ``self.clip_gradients``
+        must not be reached there)."""
         from lightning.pytorch.strategies import FSDPStrategy
 
         strategy = self.trainer.strategy
-        if not gradient_clip_val:
+        if not gradient_clip_val or self._step_dropped:  # the same decision on every rank
             return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if isinstance(strategy, FSDPStrategy):
-            strategy.model.clip_grad_norm_(gradient_clip_val)
+            if gradient_clip_algorithm == "value":  # elementwise: shards clip like the whole
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         if getattr(optimizer, "_step_supports_amp_scaling", False) and not self._grad_scaler():
             # fused AdamW: Lightning refuses to clip it, but with no scaler there is nothing
             # to unscale first, so clip directly
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             else:
@@ -385,7 +403,10 @@ class MLLMModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
     def forward(
-        self, batch: dict[str, Any], image_features: Tensor | None = None
+        self,
+        batch: dict[str, Any],
+        image_features: Tensor | None = None,
+        reduction: Literal["mean", "sum"] = "mean",
     ) -> tuple[Tensor, Tensor]:
         return self.model(
             batch["input_ids"],
@@ -395,57 +416,140 @@ class MLLMModule(L.LightningModule):
             position_ids=batch.get("position_ids"),
             sample_ids=batch.get("sample_id"),
             image_features=image_features,
+            reduction=reduction,
         )
 
     def _count_skipped(self, batch: dict[str, Any], stage: str) -> None:
         self.skipped[stage].update(batch.get("skipped", {}))
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """The micro-batch's *summed* token loss times ``LOSS_SUM_SCALE``; ``_finish_gradients``
+        turns the accumulated gradient into that of the mean over every supervised token of the
+        optimiser step (all micro-batches of the accumulation window, all ranks).
+
+        Never ``None``: under DDP/FSDP every rank must run forward and backward in every step
+        (collectives). An empty micro-batch runs a placeholder sample; a non-finite loss returns
+        a zero loss and flags the step, which every rank then skips together.
+        """
         self._count_skipped(batch, "train")
-        if batch.get("batch_size", 1) == 0:
-            return None
-        loss, count = self(batch)
-        size = batch["input_ids"].shape[0]
+        if batch.get("batch_size", 1) == 0:  # every sample of the micro-batch was dropped
+            batch = self._placeholder_batch()
+        loss_sum, count = self(batch, reduction="sum")
         if int(count) == 0:
             self.empty_batches += 1
-            self.log("train/empty_batches", float(self.empty_batches), batch_size=size)
-        if not torch.isfinite(loss):
-            self._skip_step(f"non-finite loss {float(loss)}")
-            return None  # Lightning skips backward and the optimiser step
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/supervised_tokens", count.float(), reduce_fx="sum", batch_size=size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
-        return self._global_token_mean(loss, count)
+            self.log("train/empty_batches", float(self.empty_batches), batch_size=1)
+        if not torch.isfinite(loss_sum):
+            self._window["nonfinite_loss"] = 1.0
+            log.warning(
+                "non-finite training loss in micro-batch %d: %s", batch_idx, loss_sum.item()
+            )
+            return self._zero_loss(loss_sum)
+        self._window["tokens"] += count.detach().double()
+        self._window["loss_sum"] += loss_sum.detach().double()
+        return loss_sum * LOSS_SUM_SCALE
 
-    def _global_token_mean(self, loss: Tensor, count: Tensor) -> Tensor:
-        """Under DDP, weight each rank's token-mean loss by its share of all supervised tokens,
-        so the averaged gradient is that of the mean over every token of the global batch (as
-        one process with the whole batch), not a mean of per-rank means."""
-        world = self.trainer.world_size
-        if world <= 1 or not torch.distributed.is_initialized():
-            return loss
-        total = count.detach().to(loss.device, torch.float32).clone()
-        torch.distributed.all_reduce(total)
-        return loss * (count.float() * world / total.clamp(min=1))
+    def _placeholder_batch(self) -> dict[str, Any]:
+        """One image and no supervised token: an empty micro-batch still runs every module."""
+        ids = self.model.image_token_ids
+        tokens = [ids.start] + [ids.patch] * self.num_image_tokens + [ids.end]
+        input_ids = torch.tensor([tokens], device=self.device)
+        channels, height, width = self.image_data_config["input_size"]
+        return {
+            "input_ids": input_ids,
+            "labels": torch.full_like(input_ids, IGNORE_INDEX),
+            "attention_mask": torch.ones_like(input_ids),
+            "position_ids": torch.arange(len(tokens), device=self.device)[None],
+            "pixel_values": torch.zeros((1, channels, height, width), device=self.device),
+        }
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Non-finite gradients: drop them all, so AdamW leaves every parameter (and its
-        moments) untouched this step. Where a grad scaler runs (fp16-mixed), it skips them."""
-        if self._grad_scaler():
+    def _zero_loss(self, loss: Tensor) -> Tensor:
+        """A zero loss whose backward reaches every trainable parameter (``loss * 0`` is NaN
+        for a NaN loss). Under FSDP the backward must run through the forward graph instead
+        (each unit reduce-scatters from its backward hook), so the gradients are NaN there;
+        either way the step is skipped on every rank."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            return loss * 0.0
+        params = [p for p in self.parameters() if p.requires_grad]
+        return sum((p.reshape(-1)[:1].sum() * 0.0 for p in params), loss.new_zeros(()))
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Any = None,
+    ) -> None:
+        """Lightning calls this once per optimiser step, and the closure runs the window's last
+        micro-batch (forward, backward, DDP/FSDP gradient reduction). The gradients are
+        finished right after it, before any ``on_before_optimizer_step`` hook (callbacks run
+        theirs first: the logged grad norm must be the final one), clipping and the step."""
+        if optimizer_closure is None:
+            optimizer.step()
             return
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    param.grad = None
-            self._skip_step("non-finite gradients")
-        else:
-            self._consecutive_skips = 0
+
+        def closure() -> Any:
+            result = optimizer_closure()
+            self._finish_gradients(optimizer)
+            return result
+
+        optimizer.step(closure=closure)
+
+    def _finish_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """One all-reduce of [tokens, loss sum, non-finite flags] over the window, then either
+        every rank drops all gradients (AdamW then leaves parameters and moments untouched)
+        or every rank rescales them to the global token mean.
+
+        After the reduction each parameter holds ``LOSS_SUM_SCALE / (accumulate * world)``
+        times the gradient of the summed loss (Lightning divides each micro-batch by
+        ``accumulate_grad_batches``, DDP/FSDP average over ranks): multiplying by
+        ``accumulate * world / (LOSS_SUM_SCALE * tokens)`` gives the mean over every token.
+        Where a grad scaler runs (fp16-mixed) it skips non-finite gradients itself.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        device = self.device
+        bad_grads = 0.0
+        if grads and not self._grad_scaler():  # non-finite iff some gradient is (one kernel)
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            bad_grads = (~torch.isfinite(norm)).to(device, torch.float64)
+        window = self._window
+        stats = torch.stack(
+            [
+                torch.as_tensor(window["tokens"], dtype=torch.float64, device=device),
+                torch.as_tensor(window["loss_sum"], dtype=torch.float64, device=device),
+                torch.as_tensor(window["nonfinite_loss"], dtype=torch.float64, device=device),
+                torch.as_tensor(bad_grads, dtype=torch.float64, device=device),
+            ]
+        )
+        self._window = _empty_window()
+        world = self.trainer.world_size
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        tokens, loss_sum, bad_loss, bad_grad = stats.tolist()
+        self._step_dropped = bool(bad_loss or bad_grad or tokens == 0)
+        if self._step_dropped:
+            for param in params:
+                param.grad = None
+            if bad_loss or bad_grad:
+                why = "non-finite loss" if bad_loss else "non-finite gradients"
+                self._skip_step(why + (f" on {int(bad_loss)} rank(s)" if bad_loss else ""))
+            else:
+                log.warning("optimiser step %d saw no supervised token: skipped", self.global_step)
+            return
+        self._consecutive_skips = 0
+        factor = self.trainer.accumulate_grad_batches * world / (LOSS_SUM_SCALE * tokens)
+        for grad in grads:
+            grad.mul_(factor)
+        self.log("train/loss", loss_sum / tokens, prog_bar=True, batch_size=1)
+        self.log("train/supervised_tokens", tokens, batch_size=1)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
 
     def _skip_step(self, why: str) -> None:
         self.skipped_steps += 1
         self._consecutive_skips += 1
-        self.log("train/skipped_steps", float(self.skipped_steps))
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
         log.warning("skipping optimiser step %d: %s", self.global_step, why)
         if self._consecutive_skips >= self.max_consecutive_skips:
             raise RuntimeError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,6 +15,20 @@ from lit_mllm.models.vision import VisionEncoder
 
 class ImageTokenMismatchError(ValueError):
     pass
+
+
+def ranks_must_match() -> bool:
+    """Whether other processes run this model in lockstep (torch.distributed, world > 1).
+
+    Then every rank must run the same modules in every step, whatever its data: FSDP gathers a
+    unit's weights in that unit's forward (a collective) and DDP waits for a gradient of every
+    trainable parameter.
+    """
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 class MultimodalLM(nn.Module):
@@ -90,6 +106,8 @@ class MultimodalLM(nn.Module):
                     f"{num_slots} <im_patch> tokens but no images in the batch"
                     + (f" (samples {sample_ids})" if sample_ids else "")
                 )
+            if ranks_must_match():  # text-only here, images on another rank
+                return embeds + self.placeholder_image_anchor(embeds)
             return embeds
         if num_slots != features.shape[0] * features.shape[1]:
             per_row = is_patch.sum(dim=1).tolist()
@@ -101,6 +119,17 @@ class MultimodalLM(nn.Module):
                 + ". Check that the DataModule's num_image_tokens equals the model's."
             )
         return embeds.masked_scatter(is_patch.unsqueeze(-1), features.to(embeds.dtype))
+
+    def placeholder_image_anchor(self, embeds: Tensor) -> Tensor:
+        """A zero that depends on the encoder and connector, for a batch without images.
+
+        Under DDP/FSDP a text-only rank still runs the encoder (FSDP gathers its units'
+        weights, as on the ranks with images) and gives the connector a zero gradient (DDP
+        waits for one from every rank); adding exactly zero changes no embedding.
+        """
+        channels, height, width = self.encoder.data_config["input_size"]
+        pixels = embeds.new_zeros((1, channels, height, width), dtype=torch.float32)
+        return (self.encode_images(pixels).sum() * 0.0).to(embeds.dtype)
 
     def hidden_states(
         self,
@@ -126,8 +155,10 @@ class MultimodalLM(nn.Module):
         position_ids: Tensor | None = None,
         sample_ids: list | None = None,
         image_features: Tensor | None = None,
+        reduction: Literal["mean", "sum"] = "mean",
     ) -> tuple[Tensor, Tensor]:
-        """Mean next-token loss over supervised positions, and their count.
+        """Next-token loss over supervised positions (their mean, or their sum for training,
+        which normalises over a whole optimiser step), and their count.
 
         Hidden states are gathered at supervised positions *before* the LM head, so full-vocab
         logits are never built for prompts, images or padding.
@@ -137,20 +168,29 @@ class MultimodalLM(nn.Module):
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
         count = supervised.sum()
-        if int(count) == 0:  # keep the graph so every rank still runs backward
-            return hidden.sum() * 0.0, count
+        if int(count) == 0:
+            # a zero that keeps the graph through every trainable weight, the LM head included
+            # (untied heads are used only by the loss), so every rank still runs backward
+            head = self.decoder.get_output_embeddings()
+            return head(hidden[:, -1:]).float().sum() * 0.0, count
         selected = hidden[:, :-1][supervised]
-        return self.supervised_loss(selected, targets[supervised]), count
+        total = self.supervised_loss_sum(selected, targets[supervised])
+        return (total if reduction == "sum" else total / selected.shape[0]), count
 
     def supervised_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
-        """Cross-entropy in chunks so the (tokens x vocab) logits never exist at once."""
+        """Mean cross-entropy of ``hidden`` (tokens, D) against ``targets`` (tokens,)."""
+        return self.supervised_loss_sum(hidden, targets) / hidden.shape[0]
+
+    def supervised_loss_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Summed cross-entropy in chunks so the (tokens x vocab) logits never exist at once."""
         head = self.decoder.get_output_embeddings()
-        total = hidden.new_zeros((), dtype=torch.float32)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 weights
+        total = hidden.new_zeros((), dtype=dtype)
         for start in range(0, hidden.shape[0], self.loss_chunk_size):
-            logits = head(hidden[start : start + self.loss_chunk_size]).float()
+            logits = head(hidden[start : start + self.loss_chunk_size]).to(dtype)
             chunk_targets = targets[start : start + self.loss_chunk_size]
             total = total + F.cross_entropy(logits, chunk_targets, reduction="sum")
-        return total / hidden.shape[0]
+        return total
 
     @torch.no_grad()
     def generate(
