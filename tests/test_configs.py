@@ -164,12 +164,13 @@ def test_gpu_presets_build_their_strategies() -> None:
     names = {cls.__name__ for cls in wrapped}
     assert {"Qwen2DecoderLayer", "Block", "EvaBlockPostNorm"} <= names
     assert strategy.kwargs["use_orig_params"]  # frozen and trained weights share FSDP units
-    assert config.trainer.gradient_clip_val is None  # Lightning cannot clip by norm under FSDP
+    assert config.trainer.gradient_clip_val == 1.0  # FSDP's clip_grad_norm_, via the module
     assert config.trainer.precision == "bf16-mixed"
 
 
 def test_seed_recipe_wraps_the_classes_its_model_contains() -> None:
     config = parse("--config", str(CONFIGS / "seed_eva02e_7b.yaml"))
+    assert config.trainer.gradient_clip_val == 1.0  # clipped under FSDP like every recipe
     policy = config.trainer.strategy.init_args
     assert policy.state_dict_type == "sharded"
     assert config.model.encoder.dtype == "float32"  # one dtype per FSDP unit
