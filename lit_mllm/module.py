@@ -13,6 +13,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor, nn
+from transformers import GenerationConfig
 
 from lit_mllm.data.special_tokens import IGNORE_INDEX, add_image_tokens
 from lit_mllm.data.tokenizer import load_tokenizer
@@ -91,7 +92,12 @@ class OptimConfig:
 
 
 @dataclass
-class GenerationConfig:
+class DecodingConfig:
+    """Caption decoding in validation / test / predict (YAML key ``model.generation``): greedy
+    (``num_beams: 1``) or beam search, never sampling. With the end tokens (``end_token_ids``)
+    these fields are the whole transformers ``GenerationConfig`` the decoder uses: a pretrained
+    decoder's generation_config.json (sampling, repetition penalty ...) does not apply."""
+
     max_new_tokens: int = 32
     num_beams: int = 1
 
@@ -105,6 +111,56 @@ LOSS_SUM_SCALE = 2.0**-10
 def _empty_window() -> dict[str, Any]:
     """What an accumulation window has seen so far on this rank."""
     return {"tokens": 0.0, "loss_sum": 0.0, "nonfinite_loss": 0.0}
+
+
+def template_end_token_ids(
+    tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None
+) -> list[int]:
+    """The special token(s) the chat template writes after an assistant reply (``<|im_end|>``,
+    ``<|eot_id|>`` ...), read from a rendered two-turn probe conversation: training supervises
+    them, so they are what the model emits when it has finished."""
+    from lit_mllm.data.conversation import ConversationTokenizer
+
+    probe = [
+        {"from": "human", "value": "Hello."},
+        {"from": "gpt", "value": "Hi."},
+        {"from": "human", "value": "Bye."},
+        {"from": "gpt", "value": "Goodbye."},
+    ]
+    try:
+        conv = ConversationTokenizer(
+            tokenizer, num_image_tokens=1, chat_template_kwargs=chat_template_kwargs
+        )
+        tokenized = conv(probe, num_images=0, sample_id="end-token probe")
+    except ValueError as error:  # not a fast tokenizer, a template that rejects the probe
+        log.warning("could not read the chat template's end-of-turn token: %s", error)
+        return []
+    special = set(tokenizer.all_special_ids)
+    ends: list[int] = []
+    for _, end in tokenized.reply_spans:
+        last = int(tokenized.input_ids[end - 1])
+        if last in special and last not in ends:
+            ends.append(last)
+    return ends
+
+
+def end_token_ids(
+    tokenizer: Any,
+    decoder_eos: int | list[int] | None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """Every id that ends a caption: the tokenizer's eos, the chat template's end-of-turn
+    token(s) and the pretrained decoder's own eos list (e.g. Llama-3's ``<|eot_id|>`` beside
+    ``<|end_of_text|>``, Qwen's ``<|im_end|>`` beside ``<|endoftext|>``)."""
+    ids: list[int] = []
+    decoder_ids = [decoder_eos] if isinstance(decoder_eos, int) else list(decoder_eos or [])
+    for token in [tokenizer.eos_token_id, *template_end_token_ids(tokenizer, chat_template_kwargs)]:
+        if token is not None and int(token) not in ids:
+            ids.append(int(token))
+    for token in decoder_ids:
+        if int(token) not in ids:
+            ids.append(int(token))
+    return ids
 
 
 def _coerce(kind: type, value: Any) -> Any:
@@ -128,7 +184,7 @@ class MLLMModule(L.LightningModule):
         connector: ConnectorConfig | None = None,
         decoder: DecoderConfig | None = None,
         optim: OptimConfig | None = None,
-        generation: GenerationConfig | None = None,
+        generation: DecodingConfig | None = None,
         metrics: list[str] | None = None,
         val_caption_limit: int | None = None,
         save_frozen: Literal["auto", "always", "never"] = "auto",
@@ -143,7 +199,7 @@ class MLLMModule(L.LightningModule):
         self.connector_cfg: ConnectorConfig = _coerce(ConnectorConfig, connector)
         self.decoder_cfg: DecoderConfig = _coerce(DecoderConfig, decoder)
         self.optim_cfg: OptimConfig = _coerce(OptimConfig, optim)
-        self.generation_cfg: GenerationConfig = _coerce(GenerationConfig, generation)
+        self.generation_cfg: DecodingConfig = _coerce(DecodingConfig, generation)
         # only what defines the model: LightningCLI puts a checkpoint's hyper-parameters over
         # the command line (`--ckpt_path`), so run settings (optimiser, generation, metrics,
         # output paths) stay out and can be changed when validating or resuming
@@ -187,6 +243,10 @@ class MLLMModule(L.LightningModule):
             trust_remote_code=dec.trust_remote_code,
         )
         resize_embeddings_for(decoder_model, len(self.tokenizer))
+        # read before the module's own decoding config replaces the decoder's
+        self.end_token_ids = end_token_ids(
+            self.tokenizer, decoder_model.generation_config.eos_token_id, chat_template_kwargs
+        )
         grid = vision.default_grid
         conn = self.connector_cfg
         connector_module = build_connector(
@@ -629,14 +689,23 @@ class MLLMModule(L.LightningModule):
             pixel_values,
             batch["prompt_ids"][rows],
             batch["prompt_attention_mask"][rows],
-            max_new_tokens=self.generation_cfg.max_new_tokens,
-            num_beams=self.generation_cfg.num_beams,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
+            generation_config=self.hf_generation_config(),
             image_features=image_features,
         )
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [t.strip() for t in texts]
+
+    def hf_generation_config(self) -> GenerationConfig:
+        """The complete transformers decoding setup, built from ``model.generation`` (read at
+        each call, so changing ``generation_cfg`` takes effect)."""
+        decoding = self.generation_cfg
+        return GenerationConfig(
+            max_new_tokens=decoding.max_new_tokens,
+            num_beams=decoding.num_beams,
+            do_sample=False,
+            eos_token_id=list(self.end_token_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
 
     def _metrics(self):
         if self.caption_metrics is None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from lit_mllm.data.special_tokens import IGNORE_INDEX, ImageTokenIds
 from lit_mllm.models.vision import VisionEncoder
@@ -192,6 +193,11 @@ class MultimodalLM(nn.Module):
             total = total + F.cross_entropy(logits, chunk_targets, reduction="sum")
         return total
 
+    def language_model(self) -> PreTrainedModel:
+        """The transformers model under any PEFT wrapper (it owns ``generation_config``)."""
+        get_base_model = getattr(self.decoder, "get_base_model", None)
+        return get_base_model() if callable(get_base_model) else self.decoder
+
     @torch.no_grad()
     def generate(
         self,
@@ -199,6 +205,7 @@ class MultimodalLM(nn.Module):
         prompt_ids: Tensor,
         prompt_attention_mask: Tensor,
         *,
+        generation_config: GenerationConfig | None = None,
         max_new_tokens: int = 32,
         num_beams: int = 1,
         eos_token_id: int | list[int] | None = None,
@@ -206,15 +213,30 @@ class MultimodalLM(nn.Module):
         image_features: Tensor | None = None,
         **generate_kwargs,
     ) -> Tensor:
-        """Batched, KV-cached decoding from left-padded prompts; returns only the new tokens."""
+        """Batched, KV-cached decoding from left-padded prompts; returns only the new tokens.
+
+        ``generation_config`` is the whole decoding setup (without it, one is built from the
+        other arguments: greedy or beam search, no sampling). It also becomes the decoder's
+        ``generation_config``: ``generate()`` fills every field left unset from that attribute,
+        so a pretrained decoder's generation_config.json (sampling, repetition penalty, its
+        own end tokens) would otherwise leak into the captions.
+        """
+        if generation_config is None:
+            generation_config = GenerationConfig(
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                **generate_kwargs,
+            )
+        elif generate_kwargs:
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.update(**generate_kwargs)
+        self.language_model().generation_config = generation_config
         embeds = self.embed(prompt_ids, pixel_values, image_features=image_features)
         return self.decoder.generate(
             inputs_embeds=embeds,
             attention_mask=prompt_attention_mask,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            **generate_kwargs,
+            generation_config=generation_config,
         )
