@@ -809,14 +809,21 @@ class MLLMModule(L.LightningModule):
         return dict(total)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """One row per sample: its ``sample_id``, the source's ``image_id`` where it has one
+        (COCO / Karpathy; LLaVA records have none) and the caption."""
         self._count_skipped(batch, "predict")
         if batch.get("batch_size", 1) == 0:
             return []
         captions = self.caption(batch)
-        results = [
-            {"image_id": image_id, "caption": caption}
-            for image_id, caption in zip(batch["image_id"], captions, strict=True)
-        ]
+        results = []
+        for sample_id, image_id, caption in zip(
+            batch["sample_id"], batch["image_id"], captions, strict=True
+        ):
+            row: dict[str, Any] = {"sample_id": sample_id}
+            if image_id is not None:
+                row["image_id"] = image_id
+            row["caption"] = caption
+            results.append(row)
         self._predictions.extend(results)
         return results
 
@@ -825,7 +832,9 @@ class MLLMModule(L.LightningModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             parts: list[list] = [[] for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather_object(parts, results)
-            unique = {r["image_id"]: r for part in parts for r in part}  # padded-sampler repeats
+            # a padded sampler repeats samples; several samples may share an image (one per
+            # caption, or LLaVA conversations about one picture): the sample id is the key
+            unique = {r["sample_id"]: r for part in parts for r in part}
             results = list(unique.values())
         if self.predictions_path and self.trainer.is_global_zero:
             path = Path(self.predictions_path)
