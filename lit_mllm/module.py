@@ -163,6 +163,24 @@ def end_token_ids(
     return ids
 
 
+def _check_vocabulary(
+    decoder: Any, tokenizer: Any, decoder_name: str | None, tokenizer_name: str
+) -> None:
+    """A decoder with fewer embedding rows than the tokenizer's base vocabulary belongs to
+    another model family: the embeddings would be grown silently and most token ids would
+    mean something else. (More rows than the tokenizer is normal: padded vocabularies.)"""
+    rows = decoder.get_input_embeddings().weight.shape[0]
+    base = tokenizer.vocab_size
+    if rows < base:
+        name = decoder_name or "built from model.decoder.config"
+        raise ValueError(
+            f"decoder {name!r} has {rows} token embeddings but tokenizer {tokenizer_name!r} "
+            f"has a base vocabulary of {base}: they come from different models. Set "
+            "model.tokenizer to the decoder's own tokenizer (usually the same name or folder "
+            "as model.decoder.name_or_path)."
+        )
+
+
 def _coerce(kind: type, value: Any) -> Any:
     if value is None:
         return kind()
@@ -220,6 +238,14 @@ class MLLMModule(L.LightningModule):
         self.save_frozen = save_frozen
         self.predictions_path = predictions_path
         self.metric_names = metrics
+        if metrics is not None:  # a typo must not wait for the first validation
+            from lit_mllm.metrics.caption import resolve_metrics
+
+            try:
+                resolve_metrics(metrics)
+            except ValueError as error:
+                raise ValueError(f"model.metrics: {error}") from None
+        self._checked_metrics: tuple[str, ...] | None = None  # set in setup()
         self.chat_template_kwargs = chat_template_kwargs
         self.compile_blocks_mode = compile_blocks
         self._recompile_after_validation = False
@@ -242,6 +268,7 @@ class MLLMModule(L.LightningModule):
             attn_implementation=dec.attn_implementation,
             trust_remote_code=dec.trust_remote_code,
         )
+        _check_vocabulary(decoder_model, self.tokenizer, dec.name_or_path, tokenizer)
         resize_embeddings_for(decoder_model, len(self.tokenizer))
         # read before the module's own decoding config replaces the decoder's
         self.end_token_ids = end_token_ids(
@@ -373,10 +400,19 @@ class MLLMModule(L.LightningModule):
         return load_pretrained(directory, map_location=map_location)
 
     def setup(self, stage: str) -> None:
-        """FSDP flattens each unit's parameters into one buffer of one dtype, so a bf16 encoder
+        """Checks what would otherwise fail at the first validation, thousands of steps in
+        (recipes skip the sanity check): the caption metrics' Java and SPICE jars.
+
+        FSDP flattens each unit's parameters into one buffer of one dtype, so a bf16 encoder
         beside fp32 connector weights cannot be wrapped: keep it in float32 there (the compute
         still runs in bf16 under the ``bf16-mixed`` precision)."""
         from lightning.pytorch.strategies import FSDPStrategy
+
+        validates = stage in ("validate", "test") or (
+            stage == "fit" and bool(self.trainer.limit_val_batches)
+        )
+        if validates:
+            self._checked_metrics = self._check_caption_metrics()
 
         encoder = self.model.encoder
         if isinstance(self.trainer.strategy, FSDPStrategy) and encoder.dtype != torch.float32:
@@ -707,11 +743,40 @@ class MLLMModule(L.LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
         )
 
+    def _check_caption_metrics(self) -> tuple[str, ...]:
+        """The metrics validation will compute: Java present (the PTB tokenizer every metric
+        uses, METEOR, SPICE), SPICE's jars present when SPICE was asked for; the default list
+        drops SPICE with one warning instead."""
+        from lit_mllm.metrics import java
+        from lit_mllm.metrics.caption import DEFAULT_METRICS, resolve_metrics
+
+        names = list(resolve_metrics(self.metric_names or DEFAULT_METRICS))
+        missing = java.missing_spice_jars() if "SPICE" in names else []
+        if missing and self.metric_names is None:
+            log.warning(java.spice_install_hint(missing))
+            names.remove("SPICE")
+        elif missing:
+            raise FileNotFoundError(
+                f"model.metrics asks for SPICE, but the Stanford CoreNLP jars it needs are "
+                f"missing: {', '.join(str(p) for p in missing)}. Run `python -m "
+                "pycocoevalcap.spice.get_stanford_models` once with network access (or copy "
+                "the two jars there), or remove SPICE from model.metrics."
+            )
+        try:
+            java.find_java()
+        except java.JavaNotFoundError as error:
+            raise java.JavaNotFoundError(
+                f"model.metrics {names} need Java for validation: {error} Or set "
+                "trainer.limit_val_batches: 0 to train without validation."
+            ) from None
+        return tuple(names)
+
     def _metrics(self):
         if self.caption_metrics is None:
             from lit_mllm.metrics.caption import CaptionMetrics
 
-            kwargs = {"metrics": self.metric_names} if self.metric_names else {}
+            names = self._checked_metrics or self.metric_names
+            kwargs = {"metrics": list(names)} if names else {}
             self.caption_metrics = CaptionMetrics(**kwargs).to(self.device)
         return self.caption_metrics
 

@@ -194,10 +194,10 @@ def test_fsdp_keeps_a_bf16_encoder_in_float32() -> None:
 
     kwargs = {**MICRO_MODEL, "encoder": {**MICRO_MODEL["encoder"], "dtype": "bfloat16"}}
     module = MLLMModule(**kwargs)
-    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy())
+    module.trainer = SimpleNamespace(strategy=SingleDeviceStrategy(), limit_val_batches=0)
     module.setup("fit")
     assert module.model.encoder.dtype == torch.bfloat16  # other strategies keep the setting
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), limit_val_batches=0)
     module.setup("fit")
     assert module.model.encoder.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in module.parameters())
