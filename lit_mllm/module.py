@@ -210,6 +210,7 @@ class MLLMModule(L.LightningModule):
         chat_template_kwargs: dict[str, Any] | None = None,
         max_consecutive_skips: int = 10,
         init_from: str | None = None,
+        init_from_strict: bool = True,
         compile_blocks: Literal["auto", "on", "off"] = "auto",
     ) -> None:
         super().__init__()
@@ -301,11 +302,16 @@ class MLLMModule(L.LightningModule):
         self.empty_batches = 0
         self._window = _empty_window()
         self._step_dropped = False  # this optimiser step's gradients were dropped (all ranks)
+        self.init_from_strict = init_from_strict
         if init_from:
             self.load_trainable_weights(init_from)
 
     def load_trainable_weights(self, path: str) -> None:
-        """Start from another run's weights (e.g. stage 2 from stage 1): matching names only."""
+        """Start from another run's weights (e.g. stage 2 from stage 1): matching names only.
+
+        A tensor present in both with another shape (a checkpoint of another width, another
+        number of queries) is an error listing them, since the run would silently start half
+        from scratch; with ``init_from_strict: false`` they are skipped with a WARNING."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"init_from: checkpoint {path!r} does not exist")
         try:
@@ -315,8 +321,28 @@ class MLLMModule(L.LightningModule):
         state = checkpoint.get("state_dict", checkpoint)
         own = self.state_dict()
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        mismatched = [
+            f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and own[k].shape != v.shape
+        ]
+        if mismatched and self.init_from_strict:
+            raise ValueError(
+                f"init_from: {len(mismatched)} tensors of {path!r} have another shape in this "
+                f"model (checkpoint -> model): {mismatched}. Use a checkpoint of the same "
+                "configuration, or set `model.init_from_strict: false` to start those from "
+                "their fresh initialisation."
+            )
         if not usable:
             raise ValueError(f"init_from: {path!r} shares no weights with this model")
+        if mismatched:
+            log.warning(
+                "init_from %s: skipped %d tensors of another shape (checkpoint -> model), "
+                "they keep their fresh initialisation: %s",
+                path,
+                len(mismatched),
+                mismatched,
+            )
         self.load_state_dict(usable, strict=False)
         log.info("init_from %s: loaded %d of %d tensors", path, len(usable), len(state))
 
