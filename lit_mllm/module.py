@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,6 +102,22 @@ class DecodingConfig:
     max_new_tokens: int = 32
     num_beams: int = 1
 
+
+# norm layers whose weights are never decayed; other libraries' norms are matched by class name
+# (transformers' Qwen2RMSNorm / LlamaRMSNorm ..., timm's LayerNorm2d / RmsNorm ...)
+_NORM_TYPES = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+_NORM_NAME = re.compile(r"norm(\d+d)?$", re.IGNORECASE)
 
 # Each micro-batch's backward runs on its summed token loss times this constant; the step's
 # gradients are rescaled to the token mean afterwards. A power of two, so the scaling is exact;
@@ -485,13 +502,37 @@ class MLLMModule(L.LightningModule):
         return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     # -- optimisation ----------------------------------------------------------------------------
+    def no_decay_parameters(self) -> set[int]:
+        """``id``s of the parameters AdamW must not decay, chosen by what they are, not by
+        their names: weights of any norm module (torch's, timm's and transformers' RMSNorm
+        classes), biases, token embeddings and the output embedding (tied or not), and the
+        resampler's learned queries."""
+        from lit_mllm.models.resampler import Resampler
+
+        output_embeddings = self.model.language_model().get_output_embeddings()
+        ids: set[int] = set()
+        for module in self.modules():
+            whole = (
+                isinstance(module, _NORM_TYPES)
+                or _NORM_NAME.search(type(module).__name__) is not None
+                or isinstance(module, nn.Embedding)
+                or module is output_embeddings
+            )
+            for name, param in module.named_parameters(recurse=False):
+                bias = name == "bias" or name.endswith("_bias")
+                query = isinstance(module, Resampler) and name == "query"
+                if whole or bias or query:
+                    ids.add(id(param))
+        return ids
+
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.optim_cfg
+        exempt = self.no_decay_parameters()
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            no_decay = param.ndim < 2 or "query" in name or "embed" in name or "lm_head" in name
+            no_decay = id(param) in exempt
             is_connector = name.startswith("model.connector.")
             groups.setdefault((no_decay, is_connector), []).append(param)
         param_groups = [
