@@ -148,7 +148,8 @@ def template_end_token_ids(
         conv = ConversationTokenizer(
             tokenizer, num_image_tokens=1, chat_template_kwargs=chat_template_kwargs
         )
-        tokenized = conv(probe, num_images=0, sample_id="end-token probe")
+        with torch.device("cpu"):  # also when the model is built under torch.device("meta")
+            tokenized = conv(probe, num_images=0, sample_id="end-token probe")
     except ValueError as error:  # not a fast tokenizer, a template that rejects the probe
         log.warning("could not read the chat template's end-of-turn token: %s", error)
         return []
