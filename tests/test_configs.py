@@ -164,12 +164,13 @@ def test_gpu_presets_build_their_strategies() -> None:
     names = {cls.__name__ for cls in wrapped}
     assert {"Qwen2DecoderLayer", "Block", "EvaBlockPostNorm"} <= names
     assert strategy.kwargs["use_orig_params"]  # frozen and trained weights share FSDP units
-    assert config.trainer.gradient_clip_val is None  # Lightning cannot clip by norm under FSDP
+    assert config.trainer.gradient_clip_val == 1.0  # FSDP's clip_grad_norm_, via the module
     assert config.trainer.precision == "bf16-mixed"
 
 
 def test_seed_recipe_wraps_the_classes_its_model_contains() -> None:
     config = parse("--config", str(CONFIGS / "seed_eva02e_7b.yaml"))
+    assert config.trainer.gradient_clip_val == 1.0  # clipped under FSDP like every recipe
     policy = config.trainer.strategy.init_args
     assert policy.state_dict_type == "sharded"
     assert config.model.encoder.dtype == "float32"  # one dtype per FSDP unit
@@ -193,10 +194,10 @@ def test_fsdp_keeps_a_bf16_encoder_in_float32() -> None:
 
     kwargs = {**MICRO_MODEL, "encoder": {**MICRO_MODEL["encoder"], "dtype": "bfloat16"}}
     module = MLLMModule(**kwargs)
-    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy())
+    module.trainer = SimpleNamespace(strategy=SingleDeviceStrategy(), limit_val_batches=0)
     module.setup("fit")
     assert module.model.encoder.dtype == torch.bfloat16  # other strategies keep the setting
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), limit_val_batches=0)
     module.setup("fit")
     assert module.model.encoder.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in module.parameters())

@@ -290,3 +290,135 @@ def test_regional_compile_is_training_only_and_off_on_cpu_by_default() -> None:
     assert [m._compiled_call_impl for m in layers] == compiled
     module.on_train_end()
     assert not module.model.blocks_compiled
+
+
+# -- batched generation: padding masks for every attention implementation -------------------------
+UNEQUAL_PROMPTS = [
+    "Describe the image.",
+    "What colour is the large shape in the upper left corner of this picture, and how many "
+    "other shapes are next to it?",
+    "Count.",
+]
+NEW_TOKENS = 12
+
+
+def _prompt_items(module: MLLMModule) -> list[dict]:
+    """Prompts of very unequal length (left padding of up to 25 tokens in a batch)."""
+    conv = ConversationTokenizer(module.tokenizer, num_image_tokens=module.num_image_tokens)
+    torch.manual_seed(1)
+    items = []
+    for i, prompt in enumerate(UNEQUAL_PROMPTS):
+        turns = [{"from": "human", "value": "<image>\n" + prompt}]
+        items.append(
+            {
+                "input_ids": torch.tensor([1]),
+                "labels": torch.tensor([1]),
+                "pixel_values": torch.randn(1, 3, 32, 32),
+                "sample_id": str(i),
+                "image_id": i,
+                "references": [],
+                "prompt_ids": conv.generation_prompt(turns),
+            }
+        )
+    return items
+
+
+def _greedy(module: MLLMModule, items: list[dict]) -> list[list[int]]:
+    batch = MLLMCollator(module.tokenizer.pad_token_id)(items)
+    device = next(module.parameters()).device
+    generated = module.model.generate(
+        batch["pixel_values"].to(device),
+        batch["prompt_ids"].to(device),
+        batch["prompt_attention_mask"].to(device),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        eos_token_id=None,
+        pad_token_id=module.tokenizer.pad_token_id,
+    )
+    return generated.tolist()
+
+
+def _varied_micro_module(attn_implementation: str) -> MLLMModule:
+    """A random decoder with a wide init, so greedy tokens depend on the context: with the
+    default init the micro decoder repeats one token whatever it attends to."""
+    config = {**MICRO_DECODER["config"], "initializer_range": 0.2}
+    decoder = {**MICRO_DECODER, "config": config, "attn_implementation": attn_implementation}
+    return micro_module(decoder=decoder).eval()
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "lit_varlen"])
+def test_left_padded_batch_decodes_like_one_prompt_at_a_time(attn_implementation: str) -> None:
+    module = _varied_micro_module(attn_implementation)
+    items = _prompt_items(module)
+    batch = MLLMCollator(module.tokenizer.pad_token_id)(items)
+    lengths = batch["prompt_attention_mask"].sum(1).tolist()
+    assert max(lengths) - min(lengths) >= 20  # real left padding in the batch
+    with torch.no_grad():
+        one_by_one = [_greedy(module, [item])[0] for item in items]
+        batched = _greedy(module, items)
+    assert len({tuple(t) for t in one_by_one}) == len(items)  # the prompts steer the output
+    assert batched == one_by_one
+
+
+def test_packed_rows_take_the_varlen_path_and_match_padded_sdpa(monkeypatch) -> None:
+    """The lit_varlen mask function returns no mask for a packed row, so every layer runs the
+    per-segment kernel (CPU: reference_varlen) and the loss equals padded SDPA's."""
+    from lit_mllm.models import attention
+
+    calls = []
+    real = attention.reference_varlen
+
+    def counting(*args, **kwargs):
+        calls.append(args[3].tolist())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "reference_varlen", counting)
+    varlen = micro_module(decoder={**MICRO_DECODER, "attn_implementation": "lit_varlen"}).eval()
+    sdpa = micro_module().eval()
+    packed_batch = make_batch(varlen, packing=True)
+    with torch.no_grad():
+        packed, _ = varlen(packed_batch)
+        padded, _ = sdpa(make_batch(sdpa, packing=False))
+    layers = MICRO_DECODER["config"]["num_hidden_layers"]
+    assert calls == [packed_batch["cu_seqlens"].tolist()] * layers
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_varlen_batched_decoding_matches_one_by_one(monkeypatch) -> None:
+    """bf16 on CUDA: one prompt at a time, prefill runs PyTorch's flash varlen kernel; in a
+    left-padded batch it runs SDPA with the padding mask. The kernels round differently, so
+    tokens may only differ where the fp32 model's two candidates are within bf16 noise: at
+    each row's first differing token the fp32 logits of both candidates must be that close."""
+    from lit_mllm.models import attention
+
+    flash_calls = []
+    real = attention.flash_varlen
+
+    def counting(*args, **kwargs):
+        flash_calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_varlen", counting)
+    module = _varied_micro_module("lit_varlen").cuda()
+    items = _prompt_items(module)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        one_by_one = [_greedy(module, [item])[0] for item in items]
+        assert flash_calls, "one unpadded prompt must prefill through the flash varlen kernel"
+        batched = _greedy(module, items)
+    agree = sum(
+        a == b for s, t in zip(one_by_one, batched, strict=True) for a, b in zip(s, t, strict=True)
+    )
+    print(f"bf16 lit_varlen batched vs one-by-one: {agree}/{len(items) * NEW_TOKENS} tokens")
+    for item, single, together in zip(items, one_by_one, batched, strict=True):
+        if single == together:
+            continue
+        first = next(i for i, (a, b) in enumerate(zip(single, together, strict=True)) if a != b)
+        prompt = item["prompt_ids"].cuda()
+        ids = torch.cat([prompt, torch.tensor(single[:first], device="cuda")]).unsqueeze(0)
+        with torch.no_grad():
+            embeds = module.model.embed(ids, item["pixel_values"].cuda())
+            logits = module.model.decoder(inputs_embeds=embeds).logits[0, -1].float()
+        gap = float(logits[single[first]] - logits[together[first]]).__abs__()
+        assert gap < 0.25, (first, gap, single, together)

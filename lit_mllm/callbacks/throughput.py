@@ -225,10 +225,51 @@ class ThroughputMonitor(Callback):
         if not self.log_grad_norm:
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        strategy = getattr(trainer, "strategy", None)
+        sharded = _grad_shard_replicas(strategy) is not None
+        if not grads and not sharded:  # a skipped step (no gradients anywhere)
             return
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        norm = global_grad_norm(grads, strategy, device=None if grads else pl_module.device)
+        if sharded and not grads and float(norm) == 0.0:
+            return
         pl_module.log("train/grad_norm", norm.float(), on_step=True, on_epoch=False, batch_size=1)
+
+
+def _grad_shard_replicas(strategy: Any) -> int | None:
+    """How many ranks hold each gradient shard under FSDP (None: gradients are not sharded).
+
+    FULL_SHARD / SHARD_GRAD_OP shard over all ranks (1 copy), HYBRID_SHARD shards within a
+    node and replicates across nodes (one copy per node), NO_SHARD replicates like DDP.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(strategy, FSDPStrategy):
+        return None
+    name = getattr(strategy.sharding_strategy, "name", str(strategy.sharding_strategy))
+    if name == "NO_SHARD":
+        return None
+    return int(getattr(strategy, "num_nodes", 1)) if "HYBRID" in name else 1
+
+
+def global_grad_norm(
+    grads: list[torch.Tensor], strategy: Any = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Total L2 norm of the model's gradients across ranks.
+
+    DDP and single-device gradients are whole (and equal on every rank after the all-reduce):
+    the local norm is the norm. Under FSDP each rank holds a shard: the squared local norms
+    are summed over ranks (a collective: every rank must call this).
+    """
+    if grads:
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0).double()
+    else:
+        norm = torch.zeros((), dtype=torch.float64, device=device)
+    replicas = _grad_shard_replicas(strategy)
+    if replicas is None or not torch.distributed.is_initialized():
+        return norm
+    squared = norm.square()
+    torch.distributed.all_reduce(squared)
+    return (squared / replicas).sqrt()
 
 
 def _synchronize(device: torch.device) -> None:

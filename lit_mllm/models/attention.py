@@ -4,6 +4,13 @@
 attention mask, position ids restarting per sample) to ``torch.nn.attention.varlen`` on CUDA
 and to a per-segment SDPA loop elsewhere; padded batches and KV-cache decoding use the stock
 SDPA path. With plain SDPA, packing needs a dense (T x T) block-diagonal mask instead.
+
+Two registrations make this work: the attention function (``AttentionInterface``) and a mask
+function (``AttentionMaskInterface``). transformers builds no mask at all for an attention name
+without a mask function, so left-padded generation prompts would attend to their pad tokens;
+``varlen_mask`` builds SDPA's mask whenever there is padding (or a cache, a sliding window, a
+custom mask) and returns ``None`` only for a single unpadded row, the case the varlen kernel
+handles from the position ids.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 VARLEN_ATTENTION = "lit_varlen"
 _SEGMENTS: list[Any] = [None, None]  # (position_ids object, (cu_seqlens, max_len))
@@ -105,9 +113,9 @@ def varlen_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """A transformers attention function: packed rows (no mask, one row) -> varlen kernel.
 
-    Registered under ``lit_varlen``. transformers builds no mask for an implementation it does
-    not know, so packed rows arrive with ``attention_mask=None`` and their ``position_ids``;
-    anything else (padding masks, KV-cache decoding) goes to the stock SDPA function.
+    Registered under ``lit_varlen``. ``varlen_mask`` leaves the mask out only for one unpadded
+    row, so packed rows arrive with ``attention_mask=None`` and their ``position_ids``; anything
+    else (padding masks, KV-cache decoding) goes to the stock SDPA function.
     """
     position_ids = kwargs.get("position_ids")
     packed = (
@@ -131,4 +139,39 @@ def varlen_attention_forward(
     return out.unsqueeze(0), None  # (1, T, H, D) like transformers' SDPA function
 
 
+def varlen_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable[..., Any] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """A transformers mask function for ``lit_varlen``: ``None`` for one row without a padding
+    mask or cache (packed or plain; the attention function reads the segments from the
+    position ids), SDPA's boolean mask otherwise, so padded batches never attend to padding.
+
+    A sliding window (``local_size``) or a model's own mask overlay (``use_vmap``, set by
+    transformers for ``or_mask_function`` / ``and_mask_function``) also gets SDPA's mask: the
+    varlen kernel is plain causal attention per segment.
+    """
+    unmasked_row = attention_mask is None and batch_size == 1 and q_length == kv_length
+    if unmasked_row and kwargs.get("local_size") is None and not kwargs.get("use_vmap", False):
+        return None
+    if mask_function is not None:
+        kwargs["mask_function"] = mask_function
+    return sdpa_mask(
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+
+
 AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)

@@ -56,8 +56,6 @@ def build_decoder(
     settings = {k: v for k, v in config.items() if k != "model_type"}
     settings.setdefault("vocab_size", vocab_size)
     model_config = AutoConfig.for_model(config["model_type"], **settings)
-    if attn_implementation:
-        model_config._attn_implementation = attn_implementation
     model = AutoModelForCausalLM.from_config(model_config, **kwargs)
     return model.to(dtype) if dtype is not None else model
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from lit_mllm.data.special_tokens import IGNORE_INDEX, ImageTokenIds
 from lit_mllm.models.vision import VisionEncoder
@@ -13,6 +16,20 @@ from lit_mllm.models.vision import VisionEncoder
 
 class ImageTokenMismatchError(ValueError):
     pass
+
+
+def ranks_must_match() -> bool:
+    """Whether other processes run this model in lockstep (torch.distributed, world > 1).
+
+    Then every rank must run the same modules in every step, whatever its data: FSDP gathers a
+    unit's weights in that unit's forward (a collective) and DDP waits for a gradient of every
+    trainable parameter.
+    """
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 class MultimodalLM(nn.Module):
@@ -90,6 +107,8 @@ class MultimodalLM(nn.Module):
                     f"{num_slots} <im_patch> tokens but no images in the batch"
                     + (f" (samples {sample_ids})" if sample_ids else "")
                 )
+            if ranks_must_match():  # text-only here, images on another rank
+                return embeds + self.placeholder_image_anchor(embeds)
             return embeds
         if num_slots != features.shape[0] * features.shape[1]:
             per_row = is_patch.sum(dim=1).tolist()
@@ -101,6 +120,17 @@ class MultimodalLM(nn.Module):
                 + ". Check that the DataModule's num_image_tokens equals the model's."
             )
         return embeds.masked_scatter(is_patch.unsqueeze(-1), features.to(embeds.dtype))
+
+    def placeholder_image_anchor(self, embeds: Tensor) -> Tensor:
+        """A zero that depends on the encoder and connector, for a batch without images.
+
+        Under DDP/FSDP a text-only rank still runs the encoder (FSDP gathers its units'
+        weights, as on the ranks with images) and gives the connector a zero gradient (DDP
+        waits for one from every rank); adding exactly zero changes no embedding.
+        """
+        channels, height, width = self.encoder.data_config["input_size"]
+        pixels = embeds.new_zeros((1, channels, height, width), dtype=torch.float32)
+        return (self.encode_images(pixels).sum() * 0.0).to(embeds.dtype)
 
     def hidden_states(
         self,
@@ -126,8 +156,10 @@ class MultimodalLM(nn.Module):
         position_ids: Tensor | None = None,
         sample_ids: list | None = None,
         image_features: Tensor | None = None,
+        reduction: Literal["mean", "sum"] = "mean",
     ) -> tuple[Tensor, Tensor]:
-        """Mean next-token loss over supervised positions, and their count.
+        """Next-token loss over supervised positions (their mean, or their sum for training,
+        which normalises over a whole optimiser step), and their count.
 
         Hidden states are gathered at supervised positions *before* the LM head, so full-vocab
         logits are never built for prompts, images or padding.
@@ -137,20 +169,34 @@ class MultimodalLM(nn.Module):
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
         count = supervised.sum()
-        if int(count) == 0:  # keep the graph so every rank still runs backward
-            return hidden.sum() * 0.0, count
+        if int(count) == 0:
+            # a zero that keeps the graph through every trainable weight, the LM head included
+            # (untied heads are used only by the loss), so every rank still runs backward
+            head = self.decoder.get_output_embeddings()
+            return head(hidden[:, -1:]).float().sum() * 0.0, count
         selected = hidden[:, :-1][supervised]
-        return self.supervised_loss(selected, targets[supervised]), count
+        total = self.supervised_loss_sum(selected, targets[supervised])
+        return (total if reduction == "sum" else total / selected.shape[0]), count
 
     def supervised_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
-        """Cross-entropy in chunks so the (tokens x vocab) logits never exist at once."""
+        """Mean cross-entropy of ``hidden`` (tokens, D) against ``targets`` (tokens,)."""
+        return self.supervised_loss_sum(hidden, targets) / hidden.shape[0]
+
+    def supervised_loss_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Summed cross-entropy in chunks so the (tokens x vocab) logits never exist at once."""
         head = self.decoder.get_output_embeddings()
-        total = hidden.new_zeros((), dtype=torch.float32)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 weights
+        total = hidden.new_zeros((), dtype=dtype)
         for start in range(0, hidden.shape[0], self.loss_chunk_size):
-            logits = head(hidden[start : start + self.loss_chunk_size]).float()
+            logits = head(hidden[start : start + self.loss_chunk_size]).to(dtype)
             chunk_targets = targets[start : start + self.loss_chunk_size]
             total = total + F.cross_entropy(logits, chunk_targets, reduction="sum")
-        return total / hidden.shape[0]
+        return total
+
+    def language_model(self) -> PreTrainedModel:
+        """The transformers model under any PEFT wrapper (it owns ``generation_config``)."""
+        get_base_model = getattr(self.decoder, "get_base_model", None)
+        return get_base_model() if callable(get_base_model) else self.decoder
 
     @torch.no_grad()
     def generate(
@@ -159,6 +205,7 @@ class MultimodalLM(nn.Module):
         prompt_ids: Tensor,
         prompt_attention_mask: Tensor,
         *,
+        generation_config: GenerationConfig | None = None,
         max_new_tokens: int = 32,
         num_beams: int = 1,
         eos_token_id: int | list[int] | None = None,
@@ -166,15 +213,30 @@ class MultimodalLM(nn.Module):
         image_features: Tensor | None = None,
         **generate_kwargs,
     ) -> Tensor:
-        """Batched, KV-cached decoding from left-padded prompts; returns only the new tokens."""
+        """Batched, KV-cached decoding from left-padded prompts; returns only the new tokens.
+
+        ``generation_config`` is the whole decoding setup (without it, one is built from the
+        other arguments: greedy or beam search, no sampling). It also becomes the decoder's
+        ``generation_config``: ``generate()`` fills every field left unset from that attribute,
+        so a pretrained decoder's generation_config.json (sampling, repetition penalty, its
+        own end tokens) would otherwise leak into the captions.
+        """
+        if generation_config is None:
+            generation_config = GenerationConfig(
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                **generate_kwargs,
+            )
+        elif generate_kwargs:
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.update(**generate_kwargs)
+        self.language_model().generation_config = generation_config
         embeds = self.embed(prompt_ids, pixel_values, image_features=image_features)
         return self.decoder.generate(
             inputs_embeds=embeds,
             attention_mask=prompt_attention_mask,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            **generate_kwargs,
+            generation_config=generation_config,
         )
