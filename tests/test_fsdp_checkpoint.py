@@ -3,8 +3,10 @@ through the safe readers; a crafted copy is refused before Lightning unpickles a
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +30,18 @@ pytestmark = [
 ]
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def fit(config: Path, *extra: str, cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "lit_mllm.cli", "fit", "--config", str(config)]
     command += ["--config", str(FSDP), "--trainer.devices", "1", *extra]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd)
+    # a process group of an earlier test in this process may still hold its port
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
 
 
 def test_sharded_checkpoint_resumes_exports_and_refuses_a_crafted_copy(tmp_path: Path) -> None:
