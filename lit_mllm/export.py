@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lit_mllm.data.special_tokens import IM_PATCH
 from lit_mllm.errors import add_debug_flag, run_reporting_errors
 from lit_mllm.module import MLLMModule
 from lit_mllm.safe_load import read_checkpoint, refuse_remote_code
+from lit_mllm.tokens import IM_PATCH
 
 __all__ = ["load_checkpoint", "save_pretrained", "load_pretrained", "to_llava", "main"]
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lit_mllm.data.special_tokens import IGNORE_INDEX
+from lit_mllm.tokens import IGNORE_INDEX
 
 Convention = Literal["6N", "executed"]
 

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
-from lit_mllm.data.special_tokens import IGNORE_INDEX, add_image_tokens
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.models.connector import build_connector, num_image_tokens
 from lit_mllm.models.decoder import build_decoder, resize_embeddings_for
 from lit_mllm.models.mllm import MultimodalLM
 from lit_mllm.models.vision import VisionEncoder
 from lit_mllm.safe_load import load_checkpoint_file
+from lit_mllm.tokens import IGNORE_INDEX, add_image_tokens
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from benchmarks.train_throughput.sizes import REAL, ROWS, TINY
 from benchmarks.train_throughput.stream import Sample, SampleStream, batch_stats, render
 from benchmarks.train_throughput.trainee import Trainee
 from lit_mllm.data.collate import pack
-from lit_mllm.data.special_tokens import IGNORE_INDEX
 from lit_mllm.flops import FlopsSpec
 from lit_mllm.models.attention import VARLEN_ATTENTION
+from lit_mllm.tokens import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 # the report's table headers, as documented in benchmarks/README.md and read by RESULTS.md

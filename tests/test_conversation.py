@@ -17,8 +17,8 @@ from lit_mllm.data.conversation import (
     NoSupervisedTokensError,
     tokenize_conversation,
 )
-from lit_mllm.data.special_tokens import IGNORE_INDEX, IM_END, IM_PATCH, IM_START
 from lit_mllm.data.turns import ConversationError, expand_image_placeholders, normalize_conversation
+from lit_mllm.tokens import IGNORE_INDEX, IM_END, IM_PATCH, IM_START
 
 Loader = Callable[[str], PreTrainedTokenizerBase]
 TEMPLATE_TOKENIZERS = ["qwen3", "mistral-7b-instruct-v0.1", "gpt2", "tiny"]

@@ -10,10 +10,10 @@ import torch
 
 from lit_mllm.data.collate import padding_waste
 from lit_mllm.data.datamodule import MLLMDataModule, SplitSource, SyntheticData
-from lit_mllm.data.special_tokens import IGNORE_INDEX, IM_PATCH
 from lit_mllm.data.synthetic import generate_synthetic_dataset
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.models.vision import VisionEncoder
+from lit_mllm.tokens import IGNORE_INDEX, IM_PATCH
 
 IMAGE_CONFIG = VisionEncoder(
     model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 2}

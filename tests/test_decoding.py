@@ -14,9 +14,9 @@ from test_model import _prompt_items, micro_module
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lit_mllm.data.collate import MLLMCollator
-from lit_mllm.data.special_tokens import add_image_tokens
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.module import MLLMModule
+from lit_mllm.tokens import add_image_tokens
 
 NEW_TOKENS = 10
 

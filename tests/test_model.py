@@ -11,9 +11,9 @@ from micro import MICRO_DECODER, MICRO_ENCODER, MICRO_MODEL
 
 from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
-from lit_mllm.data.special_tokens import IGNORE_INDEX
 from lit_mllm.models.mllm import ImageTokenMismatchError
 from lit_mllm.module import MLLMModule
+from lit_mllm.tokens import IGNORE_INDEX
 
 
 def micro_module(**overrides) -> MLLMModule:

@@ -11,8 +11,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_mllm.data.chat_template import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS
 from lit_mllm.data.cli import main as data_cli
-from lit_mllm.data.special_tokens import IMAGE_SPECIAL_TOKENS, add_image_tokens
 from lit_mllm.data.tokenizer import load_tokenizer, tiny_tokenizer_dir
+from lit_mllm.tokens import IMAGE_SPECIAL_TOKENS, add_image_tokens
 
 TEXTS = [
     "a small red circle to the left of a large blue square",

@@ -15,8 +15,8 @@ from test_model import CONVERSATIONS
 
 from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
-from lit_mllm.data.special_tokens import IGNORE_INDEX
 from lit_mllm.module import MLLMModule
+from lit_mllm.tokens import IGNORE_INDEX
 
 LR = 0.5
 

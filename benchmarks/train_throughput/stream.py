@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from benchmarks.train_throughput.sizes import Sizes
-from lit_mllm.data.special_tokens import IGNORE_INDEX
+from lit_mllm.tokens import IGNORE_INDEX
 
 
 @dataclass

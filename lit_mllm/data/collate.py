@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lit_mllm.data.special_tokens import IGNORE_INDEX
+from lit_mllm.tokens import IGNORE_INDEX
 
 
 class MLLMCollator:

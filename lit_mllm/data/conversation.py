@@ -23,8 +23,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lit_mllm.data.chat_template import DEFAULT_CHAT_TEMPLATE
-from lit_mllm.data.special_tokens import IGNORE_INDEX, add_image_tokens
 from lit_mllm.data.turns import ConversationError, expand_image_placeholders, normalize_conversation
+from lit_mllm.tokens import IGNORE_INDEX, add_image_tokens
 
 # stands for message i in the skeleton rendering; private-use characters no real text holds
 _PLACEHOLDER = "\ue000{}\ue001"

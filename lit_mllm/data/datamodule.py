@@ -20,11 +20,11 @@ from lit_mllm.data.options import OnBadSample, check_int
 from lit_mllm.data.readers import DEFAULT_CAPTION_PROMPT, load_source
 from lit_mllm.data.records import SampleStore, caption_conversation
 from lit_mllm.data.sampler import ResumableSampler
-from lit_mllm.data.special_tokens import IMAGE_PLACEHOLDER
 from lit_mllm.data.synthetic.settings import SyntheticSettings
 from lit_mllm.data.synthetic.writer import ensure_written
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, build_image_transform
+from lit_mllm.tokens import IMAGE_PLACEHOLDER
 
 Stage = Literal["train", "val", "test", "predict"]
 STAGES: tuple[Stage, ...] = ("train", "val", "test", "predict")

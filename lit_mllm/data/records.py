@@ -18,7 +18,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from lit_mllm.data.special_tokens import IMAGE_PLACEHOLDER
+from lit_mllm.tokens import IMAGE_PLACEHOLDER
 
 STORE_FORMAT_VERSION = 1
 

@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from lit_mllm.data.chat_template import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS
-from lit_mllm.data.special_tokens import IMAGE_SPECIAL_TOKENS
 from lit_mllm.data.synthetic import iter_synthetic_texts
+from lit_mllm.tokens import IMAGE_SPECIAL_TOKENS
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN, *ROLE_MARKERS, *IMAGE_SPECIAL_TOKENS)

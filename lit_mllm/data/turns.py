@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lit_mllm.data.special_tokens import IM_END, IM_PATCH, IM_START, IMAGE_PLACEHOLDER
+from lit_mllm.tokens import IM_END, IM_PATCH, IM_START, IMAGE_PLACEHOLDER
 
 ROLE_ALIASES = {
     "human": "user",

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedModel
 
-from lit_mllm.data.special_tokens import IGNORE_INDEX, ImageTokenIds
 from lit_mllm.models.vision import VisionEncoder
+from lit_mllm.tokens import IGNORE_INDEX, ImageTokenIds
 
 
 class ImageTokenMismatchError(ValueError):

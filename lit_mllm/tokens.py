@@ -1,4 +1,8 @@
-"""The image tokens: one place that names them and adds them to a tokenizer."""
+"""Special tokens and the ignore index: the one neutral place that data and models both import.
+
+The image placeholder and block tokens, the label value that means "not supervised", and the
+function that adds the image tokens to a tokenizer (so model and data agree on their ids).
+"""
 
 from __future__ import annotations
 
