@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from lit_mllm.hub import local_or_cached_folder
 from lit_mllm.models import attention  # noqa: F401  (registers attn_implementation lit_varlen)
+
+# what a decoder folder needs; remote code only matters with trust_remote_code
+DECODER_PATTERNS = ("*.json", "*.safetensors", "*.bin", "*.model", "*.tiktoken", "*.txt", "*.py")
 
 
 def build_decoder(
@@ -19,37 +22,27 @@ def build_decoder(
     attn_implementation: str | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
-    local_files_only: bool = True,
 ) -> PreTrainedModel:
     """``name_or_path`` wins; otherwise ``config`` (must hold ``model_type``) gives random init.
 
-    Offline by default: a name that is not a local folder is looked up in the HF cache only, and
-    a miss raises FileNotFoundError saying where it looked and how to get the weights.
+    Offline: a name that is not a local folder is looked up in the HF cache only, and a miss
+    raises FileNotFoundError saying where it looked and how to get the weights.
     """
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if name_or_path:
-        if not Path(name_or_path).exists() and (
-            name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-        ):
-            raise FileNotFoundError(
-                f"decoder weights not found at {name_or_path!r}: the folder does not exist. "
-                "Point `decoder` at a folder written by `save_pretrained` (config.json + "
-                "*.safetensors), or at a hub id present in your HF cache."
-            )
+        folder = local_or_cached_folder(name_or_path, "decoder", DECODER_PATTERNS)
         try:
             return AutoModelForCausalLM.from_pretrained(
-                name_or_path, dtype=dtype, local_files_only=local_files_only, **kwargs
+                str(folder), dtype=dtype, local_files_only=True, **kwargs
             )
-        except OSError as error:
-            from huggingface_hub.constants import HF_HUB_CACHE
-
+        except OSError as error:  # a folder without weights or config
             raise FileNotFoundError(
-                f"decoder {name_or_path!r} not found: it is not a local folder and not in the HF "
-                f"cache ({HF_HUB_CACHE}). Get it on a machine with network with "
-                f"`hf download {name_or_path}` (or copy the folder and pass its path). "
-                f"Detail: {str(error).splitlines()[0]}"
+                f"decoder {name_or_path!r}: {folder} does not hold a complete model "
+                f"(config.json + weights): {str(error).splitlines()[0]}. Point "
+                "model.decoder.name_or_path at a folder written by `save_pretrained`, or "
+                f"fetch it again with `hf download {name_or_path}`."
             ) from None
     if not config or "model_type" not in config:
         raise ValueError("decoder: give either a model name/path or a config with `model_type`")

@@ -21,8 +21,6 @@ dynamic image sizes (timm ``dynamic_img_size=True, dynamic_img_pad=True``).
 
 from __future__ import annotations
 
-import importlib
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,173 +28,15 @@ import timm
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VisionEncoder", "create_backbone", "resolve_hub_checkpoint"]
+from lit_mllm.models.weights import (
+    load_timm_weights,
+    resolve_hub_checkpoint,
+    resolve_local_checkpoint,
+)
+
+__all__ = ["VisionEncoder", "create_backbone"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Weight files looked for inside a directory, in order of preference.
-_DIR_CANDIDATES = (
-    "model.safetensors",
-    "open_clip_model.safetensors",
-    "pytorch_model.bin",
-    "open_clip_pytorch_model.bin",
-)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-
-
-def _hf_cache_dir() -> str:
-    """Read the hub cache location at call time (huggingface_hub reads env vars at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
-def _hub_filenames(hf_hub_filename: str | None) -> list[str]:
-    """Files timm would fetch for a hub id: the safetensors alternative first, like timm."""
-    if not hf_hub_filename:
-        return ["model.safetensors", "pytorch_model.bin"]
-    names = [hf_hub_filename]
-    if hf_hub_filename == "open_clip_pytorch_model.bin":
-        names.insert(0, "open_clip_model.safetensors")
-    elif hf_hub_filename.endswith(".bin"):
-        names.insert(0, hf_hub_filename[:-4] + ".safetensors")
-    return names
-
-
-def resolve_hub_checkpoint(model_name: str, allow_download: bool = False) -> Path:
-    """Find the pretrained weight file of a timm model in the local HF hub cache.
-
-    Raises FileNotFoundError (naming the hub id, the cache path and how to get the file) when
-    it is not cached and ``allow_download`` is False, or when the download fails.
-    """
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.models.get_pretrained_cfg(model_name)
-    if cfg is None or not cfg.hf_hub_id:
-        raise ValueError(
-            f"timm model {model_name!r} has no Hugging Face hub weights registered; pass "
-            "`checkpoint_path: /path/to/model.safetensors` (or pretrained: false)."
-        )
-    repo_id, _, revision = cfg.hf_hub_id.partition("@")
-    filenames = _hub_filenames(cfg.hf_hub_filename)
-    cache_dir = _hf_cache_dir()
-    for name in filenames:
-        hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision or None)
-        if isinstance(hit, str) and os.path.isfile(hit):
-            return Path(hit)
-
-    how = (
-        f"Provide it with `hf download {repo_id}` on a machine with network access (copy the "
-        f"cache to {cache_dir} or set HF_HUB_CACHE), or set "
-        "`checkpoint_path: /path/to/model.safetensors`"
-    )
-    if not allow_download:
-        raise FileNotFoundError(
-            f"Pretrained weights for timm model {model_name!r} are not in the local Hugging Face "
-            f"cache: looked for {filenames} of hub repo {repo_id!r} under {cache_dir}. {how} "
-            "(or set allow_download: true)."
-        )
-    from huggingface_hub import constants, hf_hub_download
-
-    env_offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    if env_offline or constants.HF_HUB_OFFLINE:
-        raise FileNotFoundError(
-            f"Pretrained weights for timm model {model_name!r} ({filenames} of hub repo "
-            f"{repo_id!r}) are not cached under {cache_dir} and HF_HUB_OFFLINE is set, so "
-            f"allow_download cannot fetch them. {how}."
-        )
-    errors = []
-    for name in filenames:
-        try:
-            path = hf_hub_download(repo_id, name, revision=revision or None, cache_dir=cache_dir)
-            return Path(path)
-        except Exception as err:  # network, offline mode, missing file: report all tries
-            errors.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-    raise FileNotFoundError(
-        f"Could not download weights for timm model {model_name!r} from hub repo {repo_id!r} "
-        f"into {cache_dir} ({'; '.join(errors)}). {how}."
-    )
-
-
-def _resolve_local_checkpoint(checkpoint_path: str | os.PathLike) -> Path:
-    """A weight file, or the one weight file inside a directory (HF snapshot dirs included)."""
-    path = Path(checkpoint_path).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in _DIR_CANDIDATES:
-            if (path / name).is_file():
-                return path / name
-        found = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise ValueError(
-                f"checkpoint_path {str(path)!r} holds several weight files "
-                f"({[p.name for p in found]}); point checkpoint_path at one of them."
-            )
-        raise FileNotFoundError(
-            f"checkpoint_path {str(path)!r} is a directory without a weight file "
-            f"(looked for {list(_DIR_CANDIDATES)} or one *{'/*'.join(_WEIGHT_SUFFIXES)} file)."
-        )
-    raise FileNotFoundError(
-        f"checkpoint_path {str(path)!r} does not exist; give a .safetensors/.bin/.pth state dict "
-        "file or a directory containing one."
-    )
-
-
-def _load_weights(model: nn.Module, file: Path, model_name: str) -> None:
-    """Load a state dict strictly, after timm's own key conversion for the architecture.
-
-    timm's ``pretrained=True`` path loads non-strictly whenever ``num_classes`` changes, which
-    would silently keep random weights for a wrong file; here any mismatch is an error.
-    """
-    if file.suffix not in _WEIGHT_SUFFIXES:
-        raise ValueError(
-            f"Unsupported checkpoint file {str(file)!r}: expected one of {list(_WEIGHT_SUFFIXES)}."
-        )
-    try:  # torch.load with weights_only=True inside timm for non-safetensors files
-        state = timm.models.load_state_dict(str(file), weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"Could not read checkpoint {str(file)!r} for {model_name!r}: "
-            f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-        ) from None
-    filter_fn = getattr(
-        importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None
-    )
-    if filter_fn is not None:  # e.g. OpenAI/OpenCLIP key layout -> timm, pos-embed resampling
-        try:
-            state = filter_fn(state, model)
-        except Exception as err:
-            raise ValueError(
-                f"Checkpoint {str(file)!r} does not fit timm model {model_name!r} "
-                f"({type(err).__name__}: {str(err)[:300]})."
-            ) from None
-    own = model.state_dict()
-    # The classifier head is removed (num_classes=0): its weights are expected extras.
-    heads = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    state = {
-        k: v for k, v in state.items() if k in own or not any(k.startswith(h + ".") for h in heads)
-    }
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shape:
-        detail = "; ".join(
-            f"{label} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shape))
-            if keys
-        )
-        raise ValueError(
-            f"Checkpoint {str(file)!r} does not match timm model {model_name!r} with the given "
-            f"model_kwargs: {detail}. Check model_name/model_kwargs or the file."
-        )
-    model.load_state_dict(state, strict=True)
 
 
 def create_backbone(model_name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -226,7 +66,6 @@ class VisionEncoder(nn.Module):
         model_kwargs: extra ``timm.create_model`` arguments (e.g. a tiny ViT for tests).
         feature_layer: -1 = final normed output, other = that block's output (see module doc).
         dtype: dtype of the weights and of the returned features.
-        allow_download: let ``pretrained=True`` download missing weights from the hub.
         sincos_pos_embed: for random-init ViTs: replace the random learned position table
             (std 0.02, so the features barely say where a patch is) by a fixed 2D sin-cos table
             (as in MAE). Pretrained encoders have learned positions; a random tiny one needs
@@ -241,7 +80,6 @@ class VisionEncoder(nn.Module):
         model_kwargs: dict[str, Any] | None = None,
         feature_layer: int = -1,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        allow_download: bool = False,
         sincos_pos_embed: bool = False,
     ) -> None:
         super().__init__()
@@ -254,14 +92,14 @@ class VisionEncoder(nn.Module):
 
         weights: Path | None = None
         if checkpoint_path is not None:
-            weights = _resolve_local_checkpoint(checkpoint_path)
+            weights = resolve_local_checkpoint(checkpoint_path)
         elif pretrained:
-            weights = resolve_hub_checkpoint(model_name, allow_download=allow_download)
+            weights = resolve_hub_checkpoint(model_name)
 
         self.model = create_backbone(model_name, model_kwargs)
         self._check_feature_layer()
         if weights is not None:
-            _load_weights(self.model, weights, model_name)
+            load_timm_weights(self.model, weights, model_name)
         elif sincos_pos_embed:
             self._set_sincos_pos_embed()
 
