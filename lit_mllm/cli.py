@@ -31,8 +31,10 @@ def _first_process_on_this_machine() -> bool:
 
 class MLLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # the model owns the tokenizer and the chat settings; the data side follows it
-        parser.link_arguments("model.tokenizer", "data.tokenizer")
+        # what the model decides and the data must agree with: taken from the built model
+        for name in ("tokenizer_name", "num_image_tokens", "image_data_config"):
+            target = "tokenizer" if name == "tokenizer_name" else name
+            parser.link_arguments(f"model.{name}", f"data.{target}", apply_on="instantiate")
         parser.link_arguments("model.chat_template_kwargs", "data.chat_template_kwargs")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:

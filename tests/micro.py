@@ -1,21 +1,19 @@
-"""One micro model configuration shared by the tests: seconds on a CPU, every code path real."""
+"""The micro model of the tests: the library's ``micro`` preset (lit_mllm/config.py), as the
+dicts tests combine with their own settings. Seconds on a CPU, every code path real."""
 
-MICRO_VIT_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
-MICRO_DECODER_CONFIG = {
-    "model_type": "qwen2",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": True,
-}
-MICRO_ENCODER = {"name": "vit_base_patch16_224", "model_kwargs": dict(MICRO_VIT_KWARGS)}
+from dataclasses import asdict
+
+from lit_mllm.config import PRESETS
+
+_MICRO = PRESETS["micro"]
+MICRO_VIT_KWARGS = dict(_MICRO.encoder.model_kwargs)
+MICRO_DECODER_CONFIG = dict(_MICRO.decoder.config)
+MICRO_ENCODER = {"name": _MICRO.encoder.name, "model_kwargs": dict(MICRO_VIT_KWARGS)}
 MICRO_DECODER = {"config": dict(MICRO_DECODER_CONFIG)}
 MICRO_MODEL = {
-    "tokenizer": "tiny",
+    "preset": "micro",
+    "tokenizer": _MICRO.tokenizer,
     "encoder": MICRO_ENCODER,
-    "connector": {"kind": "resampler", "num_queries": 4},
+    "connector": asdict(_MICRO.connector),
     "decoder": MICRO_DECODER,
 }

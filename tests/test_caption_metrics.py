@@ -17,7 +17,8 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 import lit_mllm.metrics.caption as caption
 from lit_mllm.metrics import java
-from lit_mllm.metrics.caption import CaptionMetrics, resolve_metrics
+from lit_mllm.metrics.caption import CaptionMetrics
+from lit_mllm.metrics.scorers import resolve_metrics
 
 NO_SPICE = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
 KEYS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]

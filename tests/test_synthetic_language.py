@@ -76,8 +76,8 @@ def test_consensus_caption_scores_about_twice_the_leave_one_out_reference() -> N
     """Five writers with their own habits: references agree on the facts, not the words, so
     the consensus wording beats a held-out reference (as strong models do on COCO). This is
     what makes `val CIDEr >= 1.5x the reference` reachable by a model that is right."""
-    from lit_mllm.metrics.caption import CaptionScorer
     from lit_mllm.metrics.reference import leave_one_out_scores
+    from lit_mllm.metrics.scorers import CaptionScorer
 
     refs, consensus = {}, {}
     for i in range(150):

@@ -60,12 +60,14 @@ class LitTrainee(Trainee):
     def set_attention(self, name: str) -> None:
         """``sdpa`` (transformers' block-diagonal mask), ``varlen`` or ``flash_attention_2``."""
         impl = VARLEN_ATTENTION if name == "varlen" else name
-        self.module.model.decoder.config._attn_implementation = impl
+        self.module.model.decoder.set_attn_implementation(impl)
         self.attention = name
 
     def set_compiled(self, on: bool) -> None:
-        """Regional compilation, as `lit-mllm fit` does on CUDA (`model.compile_blocks`)."""
-        self.module.model.compile_blocks(on)
+        """Regional compilation, as `lit-mllm fit` does on CUDA (`model.compile_blocks`, once);
+        an eager row after a compiled one runs under ``torch.compiler.set_stance``."""
+        if on:
+            self.module.model.compile_blocks()
         self.compiled = on
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
@@ -83,7 +85,8 @@ class LitTrainee(Trainee):
             "attention_mask": None,
             "pixel_values": self.pixels(batch["num_samples"]),
         }
-        with autocast(dev):
+        stance = "default" if self.compiled else "force_eager"
+        with autocast(dev), torch.compiler.set_stance(stance):
             loss, _ = self.module(model_batch)
         loss.backward()
         self.optimizer.step()
@@ -91,9 +94,8 @@ class LitTrainee(Trainee):
 
     def generate(self, samples: Sequence[Sample], new_tokens: int) -> torch.Tensor:
         ids = torch.stack([render(s, self.image_block)[0] for s in samples]).to(self.device)
-        attention, compiled = self.attention, self.compiled
-        self.set_attention("sdpa")  # KV-cache decoding: the stock path
-        self.set_compiled(False)
+        attention = self.attention
+        self.set_attention("sdpa")  # KV-cache decoding: the stock path (generate runs eager)
         self.module.eval()
         try:
             with autocast(self.device):
@@ -109,4 +111,3 @@ class LitTrainee(Trainee):
         finally:
             self.module.train()
             self.set_attention(attention)
-            self.set_compiled(compiled)

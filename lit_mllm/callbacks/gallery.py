@@ -175,7 +175,7 @@ def _metric_tags(pl_module: L.LightningModule) -> list[str]:
     """``val/loss`` and the ``val/<key>`` of every configured caption metric."""
     tags = ["val/loss"]
     try:
-        from lit_mllm.metrics.caption import DEFAULT_METRICS, SCORER_KEYS, resolve_metrics
+        from lit_mllm.metrics.scorers import DEFAULT_METRICS, SCORER_KEYS, resolve_metrics
 
         names = getattr(pl_module, "metric_names", None) or DEFAULT_METRICS
         tags += [f"val/{key}" for scorer in resolve_metrics(names) for key in SCORER_KEYS[scorer]]

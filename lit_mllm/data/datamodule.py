@@ -62,9 +62,9 @@ def synthetic_source(settings: SyntheticSettings, stage: Stage) -> SplitSource:
 class MLLMDataModule(L.LightningDataModule):
     """Builds loaders for fit/validate/test/predict.
 
-    Settings that belong to the model (tokenizer, number of image tokens, the encoder's image
-    config) are read from the attached LightningModule when not given here, so there is one
-    source of truth; pass them explicitly to use the DataModule on its own.
+    Settings that belong to the model (``tokenizer``, ``num_image_tokens``, the encoder's
+    ``image_data_config``, ``chat_template_kwargs``) come from it explicitly: LightningCLI links
+    them from the built model; in Python, ``MLLMDataModule(**module.data_settings(), ...)``.
     """
 
     def __init__(
@@ -160,18 +160,19 @@ class MLLMDataModule(L.LightningDataModule):
             ensure_written(self.synthetic)
 
     def _model_setting(self, name: str) -> Any:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        value = getattr(module, name, None) if module is not None else None
+        value = getattr(self, name)
         if value is None:
+            option = "tokenizer" if name == "tokenizer_name" else name
             raise ValueError(
-                f"MLLMDataModule needs `{name}`: pass it to the DataModule or attach it to a "
-                "Trainer together with an MLLMModule"
+                f"MLLMDataModule needs data.{option}, which belongs to the model: the lit-mllm "
+                "CLI links it from model.*; in Python pass MLLMDataModule(**module."
+                "data_settings(), ...)"
             )
         return value
 
     def _conversation_tokenizer(self) -> ConversationTokenizer:
-        name = self.tokenizer_name or self._model_setting("tokenizer_name")
-        num_image_tokens = self.num_image_tokens or self._model_setting("num_image_tokens")
+        name = self._model_setting("tokenizer_name")
+        num_image_tokens = self._model_setting("num_image_tokens")
         return ConversationTokenizer(
             load_tokenizer(name),
             num_image_tokens=num_image_tokens,
@@ -242,7 +243,7 @@ class MLLMDataModule(L.LightningDataModule):
             None: ("train", "val", "test", "predict"),
         }
         tokenize = None
-        data_config = self.image_data_config or self._model_setting("image_data_config")
+        data_config = self._model_setting("image_data_config")
         for split in wanted[stage]:
             if split in self.datasets:
                 continue

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lit_mllm.metrics.caption import ImageId
+from lit_mllm.metrics.scorers import ImageId
 
 EXAMPLES = 5
 

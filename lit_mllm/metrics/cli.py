@@ -25,9 +25,9 @@ from lit_mllm.metrics.annotations import (
     load_annotations,
     load_results,
 )
-from lit_mllm.metrics.caption import DEFAULT_METRICS, ImageId, score_captions
 from lit_mllm.metrics.java import JavaNotFoundError
 from lit_mllm.metrics.reference import reference_scores
+from lit_mllm.metrics.scorers import DEFAULT_METRICS, ImageId, score_captions
 
 
 def check_coverage(

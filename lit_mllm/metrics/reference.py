@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lit_mllm.metrics.annotations import InputError, examples, load_annotations
-from lit_mllm.metrics.caption import SCORER_KEYS, CaptionScorer, ImageId, sorted_image_ids
 from lit_mllm.metrics.java import ptb_tokenize
+from lit_mllm.metrics.scorers import SCORER_KEYS, CaptionScorer, ImageId, sorted_image_ids
 
 log = logging.getLogger(__name__)
 DEFAULT_KEYS: tuple[str, ...] = ("CIDEr", "Bleu_4")

@@ -51,29 +51,41 @@ class MultimodalLM(nn.Module):
         self.image_token_ids = image_token_ids
         self.num_image_tokens = num_image_tokens
         self.loss_chunk_size = loss_chunk_size
+        self.blocks_compiled = False
 
-    def compile_blocks(self, on: bool = True) -> None:
-        """Regional ``torch.compile``: every decoder layer (dynamic shapes, since packed rows
-        change length each step) and encoder block. Compiling whole blocks instead of the model
-        keeps compile time short and graph breaks (generation, hooks, LoRA) outside.
-        ``on=False`` makes the blocks eager; turning them on again reuses the compiled callables
-        of the first call, so toggling around validation does not compile again."""
-        layers = list(self.decoder.get_decoder().layers)
-        blocks = list(getattr(self.encoder.model, "blocks", []))
-        for module, dynamic in [(m, True) for m in layers] + [(b, False) for b in blocks]:
-            if not on:
-                module._compiled_call_impl = None
-                continue
-            if getattr(module, "_lit_compiled_call", None) is None:
-                module.compile(dynamic=dynamic)
-                module._lit_compiled_call = module._compiled_call_impl
-            module._compiled_call_impl = module._lit_compiled_call
+    def compile_blocks(self) -> None:
+        """Regional ``torch.compile`` (once): every decoder layer (dynamic shapes, since packed
+        rows change length each step) and encoder block. Compiling whole blocks instead of the
+        model keeps compile time short and graph breaks (generation, hooks, LoRA) outside.
+        ``generate`` runs them eager (``torch.compiler.set_stance``): KV-cache decoding would
+        otherwise compile again at every new length."""
+        if self.blocks_compiled:
+            return
+        for layer in self.decoder.get_decoder().layers:
+            layer.compile(dynamic=True)
+        for block in getattr(self.encoder.model, "blocks", []):
+            block.compile(dynamic=False)
+        self.blocks_compiled = True
 
     @property
-    def blocks_compiled(self) -> bool:
-        return (
-            getattr(self.decoder.get_decoder().layers[0], "_compiled_call_impl", None) is not None
-        )
+    def image_data_config(self) -> dict:
+        """The encoder's timm preprocessing: what the DataModule's image transform must do."""
+        return self.encoder.data_config
+
+    def placeholder_batch(self, device: torch.device) -> dict[str, Tensor]:
+        """One black image and no supervised token: an empty micro-batch still runs every
+        module, which DDP/FSDP need from every rank in every step."""
+        ids = self.image_token_ids
+        tokens = [ids.start] + [ids.patch] * self.num_image_tokens + [ids.end]
+        input_ids = torch.tensor([tokens], device=device)
+        channels, height, width = self.image_data_config["input_size"]
+        return {
+            "input_ids": input_ids,
+            "labels": torch.full_like(input_ids, IGNORE_INDEX),
+            "attention_mask": torch.ones_like(input_ids),
+            "position_ids": torch.arange(len(tokens), device=device)[None],
+            "pixel_values": torch.zeros((1, channels, height, width), device=device),
+        }
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, tokens, D_lm) in the decoder's embedding dtype."""
@@ -128,7 +140,7 @@ class MultimodalLM(nn.Module):
         weights, as on the ranks with images) and gives the connector a zero gradient (DDP
         waits for one from every rank); adding exactly zero changes no embedding.
         """
-        channels, height, width = self.encoder.data_config["input_size"]
+        channels, height, width = self.image_data_config["input_size"]
         pixels = embeds.new_zeros((1, channels, height, width), dtype=torch.float32)
         return (self.encode_images(pixels).sum() * 0.0).to(embeds.dtype)
 
@@ -235,8 +247,9 @@ class MultimodalLM(nn.Module):
             generation_config.update(**generate_kwargs)
         self.language_model().generation_config = generation_config
         embeds = self.embed(prompt_ids, pixel_values, image_features=image_features)
-        return self.decoder.generate(
-            inputs_embeds=embeds,
-            attention_mask=prompt_attention_mask,
-            generation_config=generation_config,
-        )
+        with torch.compiler.set_stance("force_eager"):
+            return self.decoder.generate(
+                inputs_embeds=embeds,
+                attention_mask=prompt_attention_mask,
+                generation_config=generation_config,
+            )

@@ -1,0 +1,207 @@
+"""Typed settings of the multimodal model, and the named presets that fill them.
+
+Every class here is a plain dataclass that LightningCLI reads from YAML (``model.encoder``,
+``model.connector`` ...). Defaults are neutral: nothing in a default is sized for the tiny demo.
+A *preset* (``model.preset: tiny``, ``MLLMModule(preset="micro")``) names a whole model the way
+litgpt names its configs; a section given next to it replaces that section of the preset, so
+``--model.preset tiny --model.connector.kind mlp`` is the tiny model with an MLP connector.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "PRESETS",
+    "ConnectorConfig",
+    "DecoderConfig",
+    "DecodingConfig",
+    "EncoderConfig",
+    "ModelSettings",
+    "OptimConfig",
+    "resolve_model_settings",
+]
+
+
+@dataclass
+class EncoderConfig:
+    """A frozen timm model: ``pretrained`` reads the timm hub weights from the local HF cache,
+    ``checkpoint_path`` a local weight file or folder (``tiny``: the packaged tiny encoder),
+    ``model_kwargs`` builds a custom size; ``feature_layer`` -1 is the final normed output,
+    -2 the penultimate block (LLaVA)."""
+
+    name: str
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    feature_layer: int = -1
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    sincos_pos_embed: bool = False  # random-init ViTs: fixed 2D sin-cos positions
+
+
+@dataclass
+class ConnectorConfig:
+    """``resampler`` (MiniCPM-V: ``num_queries`` tokens per image) or ``mlp`` (LLaVA-1.5: one
+    token per patch)."""
+
+    kind: Literal["resampler", "mlp"] = "resampler"
+    num_queries: int = 64
+
+
+@dataclass
+class DecoderConfig:
+    """``name_or_path`` (a local folder or a hub id in the HF cache) or ``config`` (a
+    transformers config dict with ``model_type``) for random init; ``train`` says what learns."""
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = None
+    train: Literal["frozen", "lora", "full"] = "full"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay to ``min_lr_ratio`` (per optimiser step)."""
+
+    lr: float = 1e-3
+    connector_lr: float | None = None
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    fused: bool | None = None  # None: fused AdamW on CUDA
+
+
+@dataclass
+class DecodingConfig:
+    """Caption decoding in validation / test / predict (YAML key ``model.generation``): greedy
+    (``num_beams: 1``) or beam search, never sampling. With the end tokens these fields are the
+    whole transformers ``GenerationConfig`` the decoder uses: a pretrained decoder's
+    generation_config.json (sampling, repetition penalty ...) does not apply."""
+
+    max_new_tokens: int = 32
+    num_beams: int = 1
+
+
+@dataclass
+class ModelSettings:
+    """Everything that defines the model's weights: what a checkpoint must agree with."""
+
+    tokenizer: str
+    encoder: EncoderConfig
+    connector: ConnectorConfig
+    decoder: DecoderConfig
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, ModelSettings] = {
+    # the embedded default (configs/tiny.yaml, notebooks): trains on 2 CPU cores in minutes
+    "tiny": ModelSettings(
+        tokenizer="tiny",
+        encoder=EncoderConfig(
+            name="vit_base_patch16_224",
+            model_kwargs={
+                "img_size": 72,
+                "patch_size": 24,
+                "embed_dim": 192,
+                "depth": 4,
+                "num_heads": 3,
+            },
+        ),
+        connector=ConnectorConfig(kind="mlp"),
+        decoder=DecoderConfig(
+            config={
+                "model_type": "qwen2",
+                "hidden_size": 256,
+                "intermediate_size": 768,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 1024,
+                "tie_word_embeddings": True,
+            }
+        ),
+    ),
+    # the smallest model that runs every code path: tests and CPU smoke runs, seconds each
+    "micro": ModelSettings(
+        tokenizer="tiny",
+        encoder=EncoderConfig(
+            name="vit_base_patch16_224",
+            model_kwargs={
+                "img_size": 32,
+                "patch_size": 8,
+                "embed_dim": 48,
+                "depth": 2,
+                "num_heads": 2,
+            },
+        ),
+        connector=ConnectorConfig(kind="resampler", num_queries=4),
+        decoder=DecoderConfig(
+            config={
+                "model_type": "qwen2",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "max_position_embeddings": 512,
+                "tie_word_embeddings": True,
+            }
+        ),
+    ),
+}
+
+
+def section(kind: type, value: Any) -> Any:
+    """A settings section from a dataclass, a dict (YAML) or None (not given)."""
+    if value is None or isinstance(value, kind):
+        return copy.deepcopy(value)
+    if isinstance(value, dict):
+        return kind(**value)
+    raise TypeError(f"expected {kind.__name__} or a dict, got {type(value).__name__}")
+
+
+def resolve_model_settings(
+    preset: str | None,
+    tokenizer: str | None = None,
+    encoder: EncoderConfig | dict | None = None,
+    connector: ConnectorConfig | dict | None = None,
+    decoder: DecoderConfig | dict | None = None,
+) -> ModelSettings:
+    """The preset's settings, with every section given here replacing the preset's."""
+    base = None
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"model.preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        base = copy.deepcopy(PRESETS[preset])
+    given = {
+        "tokenizer": tokenizer,
+        "encoder": section(EncoderConfig, encoder),
+        "connector": section(ConnectorConfig, connector),
+        "decoder": section(DecoderConfig, decoder),
+    }
+    missing = [k for k in ("tokenizer", "encoder", "decoder") if given[k] is None and base is None]
+    if missing:
+        raise ValueError(
+            f"the model needs {', '.join(f'model.{k}' for k in missing)}: give them, or name a "
+            f"preset (model.preset: one of {sorted(PRESETS)})"
+        )
+    settings = {
+        key: value if value is not None else (getattr(base, key) if base else None)
+        for key, value in given.items()
+    }
+    if settings["connector"] is None:
+        settings["connector"] = ConnectorConfig()
+    return ModelSettings(**settings)

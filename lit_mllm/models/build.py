@@ -1,0 +1,108 @@
+"""Model assembly: settings + tokenizer -> encoder, connector and decoder, frozen or trainable.
+
+The one place where a setting becomes a module: ``model.encoder`` -> :class:`VisionEncoder`,
+``model.connector`` -> resampler or MLP sized from the encoder's patch grid and the decoder's
+width, ``model.decoder`` -> a transformers causal LM with its embeddings grown for the image
+tokens, then frozen, wrapped with LoRA, or left to train in full.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_mllm.config import DecoderConfig, ModelSettings
+from lit_mllm.models.connector import build_connector, num_image_tokens
+from lit_mllm.models.decoder import build_decoder, resize_embeddings_for
+from lit_mllm.models.mllm import MultimodalLM
+from lit_mllm.models.vision import VisionEncoder
+from lit_mllm.tokens import add_image_tokens
+
+__all__ = ["build_model", "check_vocabulary"]
+
+
+def build_model(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase) -> MultimodalLM:
+    """The multimodal model for ``settings``; ``tokenizer`` must be the one named there."""
+    enc = settings.encoder
+    vision = VisionEncoder(
+        enc.name,
+        pretrained=enc.pretrained,
+        checkpoint_path=enc.checkpoint_path,
+        model_kwargs=enc.model_kwargs,
+        feature_layer=enc.feature_layer,
+        dtype=enc.dtype,
+        sincos_pos_embed=enc.sincos_pos_embed,
+    )
+    dec = settings.decoder
+    decoder = build_decoder(
+        dec.name_or_path,
+        config=dec.config,
+        vocab_size=len(tokenizer),
+        attn_implementation=dec.attn_implementation,
+        trust_remote_code=dec.trust_remote_code,
+    )
+    check_vocabulary(decoder, tokenizer, dec.name_or_path, settings.tokenizer)
+    resize_embeddings_for(decoder, len(tokenizer))
+    grid = vision.default_grid
+    conn = settings.connector
+    connector = build_connector(
+        conn.kind,
+        kv_dim=vision.embed_dim,
+        embed_dim=decoder.config.get_text_config().hidden_size,
+        kv_grid=grid,
+        num_queries=conn.num_queries,
+    )
+    model = MultimodalLM(
+        vision,
+        connector,
+        decoder,
+        add_image_tokens(tokenizer),
+        num_image_tokens(conn.kind, grid, conn.num_queries),
+    )
+    model.decoder = apply_training_mode(model.decoder, dec)
+    return model
+
+
+def check_vocabulary(
+    decoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    decoder_name: str | None,
+    tokenizer_name: str,
+) -> None:
+    """A decoder with fewer embedding rows than the tokenizer's base vocabulary belongs to
+    another model family: the embeddings would be grown silently and most token ids would
+    mean something else. (More rows than the tokenizer is normal: padded vocabularies.)"""
+    rows = decoder.get_input_embeddings().weight.shape[0]
+    base = tokenizer.vocab_size
+    if rows < base:
+        name = decoder_name or "built from model.decoder.config"
+        raise ValueError(
+            f"decoder {name!r} has {rows} token embeddings but tokenizer {tokenizer_name!r} "
+            f"has a base vocabulary of {base}: they come from different models. Set "
+            "model.tokenizer to the decoder's own tokenizer (usually the same name or folder "
+            "as model.decoder.name_or_path)."
+        )
+
+
+def apply_training_mode(decoder: PreTrainedModel, settings: DecoderConfig) -> PreTrainedModel:
+    """``frozen`` / ``lora`` (a PEFT wrapper around the decoder) / ``full``, and activation
+    checkpointing when asked."""
+    if settings.train == "frozen":
+        decoder.requires_grad_(False)
+    elif settings.train == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules=list(settings.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+        decoder = get_peft_model(decoder, lora)
+    if settings.gradient_checkpointing:
+        decoder.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        if settings.train != "full":
+            decoder.enable_input_require_grads()
+    return decoder
