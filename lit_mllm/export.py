@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lit_mllm.checkpoints.safe_load import read_checkpoint, refuse_remote_code
 from lit_mllm.errors import add_debug_flag, run_reporting_errors
 from lit_mllm.module import MLLMModule
-from lit_mllm.safe_load import read_checkpoint, refuse_remote_code
 from lit_mllm.tokens import IM_PATCH
 
 __all__ = ["load_checkpoint", "save_pretrained", "load_pretrained", "to_llava", "main"]
@@ -46,8 +46,8 @@ def load_checkpoint(path: str | Path, *, trust_remote_code: bool = False) -> MLL
     """Rebuild the module a training checkpoint was written for and load its weights.
 
     ``path``: a ``.ckpt`` file or a sharded (FSDP) checkpoint folder, read by
-    :func:`lit_mllm.safe_load.read_checkpoint` (checksums first, nothing unpickled unsafely).
-    ``trust_remote_code``: allow a checkpoint whose decoder setting runs remote code.
+    :func:`lit_mllm.checkpoints.safe_load.read_checkpoint` (checksums first, nothing unpickled
+    unsafely). ``trust_remote_code``: allow a checkpoint whose decoder setting runs remote code.
     """
     checkpoint = read_checkpoint(path)
     if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
