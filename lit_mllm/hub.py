@@ -64,14 +64,10 @@ def cached_file(
     from huggingface_hub import try_to_load_from_cache
 
     for filename in filenames:
-        hit = try_to_load_from_cache(
-            repo_id, filename, cache_dir=hf_cache_dir(), revision=revision
-        )
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=hf_cache_dir(), revision=revision)
         if isinstance(hit, str) and os.path.isfile(hit):
             return Path(hit)
-    raise FileNotFoundError(
-        missing_message(what, repo_id, f"none of {list(filenames)} is cached")
-    )
+    raise FileNotFoundError(missing_message(what, repo_id, f"none of {list(filenames)} is cached"))
 
 
 def missing_message(what: str, repo_id: str, detail: object) -> str:
