@@ -2,8 +2,8 @@
 
 Before Lightning reads ``--ckpt_path`` (LightningCLI loads the file for its hyper-parameters even
 before the Trainer exists), :meth:`MLLMCLI.parse_arguments` vets it with
-:func:`lit_mllm.safe_load.check_checkpoint_path` and refuses model settings that differ from
-the checkpoint's (:mod:`lit_mllm.resume_settings`). Errors print as one line; ``--debug`` or
+:func:`lit_mllm.checkpoints.safe_load.check_checkpoint_path` and refuses model settings that
+differ from the checkpoint's (:mod:`lit_mllm.checkpoints.resume_settings`). Errors print as one line; ``--debug`` or
 ``LIT_MLLM_DEBUG=1`` shows the traceback.
 """
 
@@ -17,11 +17,15 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lit_mllm.checkpoints.resume_settings import model_defaults, model_differences
+from lit_mllm.checkpoints.safe_load import (
+    SPECIAL_CKPT_PATHS,
+    check_checkpoint_path,
+    refuse_remote_code,
+)
 from lit_mllm.data.datamodule import MLLMDataModule
 from lit_mllm.errors import DEBUG_FLAG, DEBUG_HELP, UsageError, pop_debug_flag, run_reporting_errors
 from lit_mllm.module import MLLMModule
-from lit_mllm.resume_settings import model_defaults, model_differences
-from lit_mllm.safe_load import SPECIAL_CKPT_PATHS, check_checkpoint_path, refuse_remote_code
 
 
 def _first_process_on_this_machine() -> bool:

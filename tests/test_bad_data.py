@@ -286,7 +286,7 @@ def test_skip_counts_stay_per_stage_when_validating(corpus, synthetic, tmp_path)
 @pytest.fixture(scope="module")
 def stopped_and_resumed(corpus, tmp_path_factory) -> tuple[Path, CountTrained, CountTrained]:
     """Fit 2 steps into the epoch (a checkpoint per step), then resume from last.ckpt."""
-    from lit_mllm.checkpointing import AtomicModelCheckpoint
+    from lit_mllm.checkpoints import AtomicModelCheckpoint
 
     corpus_dir, _ = corpus
     root = tmp_path_factory.mktemp("resume_bad")

@@ -183,7 +183,7 @@ def test_export_data_and_score_share_the_debug_switch(tmp_path: Path, capsys, mo
 @pytest.fixture(scope="module")
 def micro_ckpt(tmp_path_factory) -> Path:
     """A genuine micro checkpoint (resampler, 4 queries) and an older intact copy beside it."""
-    from test_checkpoint_safety import micro_module, write_checkpoint
+    from test_checkpoints_safe_load import micro_module, write_checkpoint
 
     folder = tmp_path_factory.mktemp("ckpt")
     write_checkpoint(micro_module(), folder / "last.ckpt")
@@ -211,7 +211,7 @@ def stop_before_instantiation(monkeypatch) -> dict:
 
 
 def _bad_checkpoint(kind: str, good: Path, folder: Path) -> str:
-    from test_checkpoint_safety import flip_tensor_bytes
+    from test_checkpoints_safe_load import flip_tensor_bytes
 
     bad = folder / "last.ckpt"
     if kind == "truncated":
@@ -266,7 +266,7 @@ def test_a_crafted_sharded_folder_is_refused_before_lightning_reads_it(
     """Lightning's FSDPStrategy would unpickle its .metadata with plain pickle."""
     import pickle
 
-    from test_checkpoint_safety import RunsCode, micro_module, write_sharded
+    from test_checkpoints_safe_load import RunsCode, micro_module, write_sharded
 
     from lit_mllm.cli import main as cli_main
 
@@ -324,7 +324,7 @@ def test_a_checkpoint_turning_on_remote_code_is_refused_unless_given(
 ) -> None:
     """LightningCLI would apply the checkpoint's decoder.trust_remote_code: true silently."""
     from micro import MICRO_MODEL
-    from test_checkpoint_safety import write_checkpoint
+    from test_checkpoints_safe_load import write_checkpoint
 
     from lit_mllm.cli import main as cli_main
     from lit_mllm.module import MLLMModule

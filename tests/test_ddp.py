@@ -33,7 +33,7 @@ def micro_config(data_dir: Path, root: Path) -> dict:
             "default_root_dir": str(root),
             "callbacks": [
                 {
-                    "class_path": "lit_mllm.checkpointing.AtomicModelCheckpoint",
+                    "class_path": "lit_mllm.checkpoints.AtomicModelCheckpoint",
                     "init_args": {
                         "dirpath": str(root / "ckpt"),
                         "every_n_train_steps": STEPS,

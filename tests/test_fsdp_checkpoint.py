@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_checkpoint_safety import RunsCode
+from test_checkpoints_safe_load import RunsCode
 from test_ddp import micro_config
 
+from lit_mllm.checkpoints.integrity import MANIFEST
 from lit_mllm.data.synthetic import generate_synthetic_dataset
-from lit_mllm.integrity import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP = ROOT / "configs" / "trainer" / "fsdp.yaml"
@@ -45,8 +45,8 @@ def fit(config: Path, *extra: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_sharded_checkpoint_resumes_exports_and_refuses_a_crafted_copy(tmp_path: Path) -> None:
+    from lit_mllm.checkpoints.safe_load import check_checkpoint_path
     from lit_mllm.export import load_checkpoint
-    from lit_mllm.safe_load import check_checkpoint_path
 
     data = tmp_path / "synthetic"
     generate_synthetic_dataset(data, 64, 8, 0, seed=1, image_size=32, workers=1)

@@ -20,16 +20,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 from micro import MICRO_MODEL
 
-from lit_mllm.export import load_checkpoint, main
-from lit_mllm.integrity import MANIFEST, crc32_of, files_to_check, write_manifest
-from lit_mllm.module import MLLMModule
-from lit_mllm.safe_load import (
+from lit_mllm.checkpoints.integrity import MANIFEST, crc32_of, files_to_check, write_manifest
+from lit_mllm.checkpoints.safe_load import (
     CheckpointError,
     check_checkpoint_path,
     load_checkpoint_file,
     read_checkpoint,
 )
-from lit_mllm.sharded import UnsafeCheckpointError
+from lit_mllm.checkpoints.sharded import UnsafeCheckpointError
+from lit_mllm.export import load_checkpoint, main
+from lit_mllm.module import MLLMModule
 
 GOOD, LAST = "epoch=0-step=1.ckpt", "last.ckpt"
 
@@ -112,7 +112,7 @@ def test_flipped_tensor_bytes_are_caught_and_the_last_good_checkpoint_named(run_
 
 
 def test_every_load_path_checks_the_checksums(run_dir, tmp_path, capsys) -> None:
-    from lit_mllm.checkpointing import CheckedCheckpointIO
+    from lit_mllm.checkpoints.atomic import CheckedCheckpointIO
 
     last = run_dir / LAST
     flip_tensor_bytes(last)
@@ -199,7 +199,7 @@ def served(tmp_path):
 
 
 def test_a_url_is_refused_with_how_to_download_it(served) -> None:
-    from lit_mllm.checkpointing import CheckedCheckpointIO
+    from lit_mllm.checkpoints.atomic import CheckedCheckpointIO
 
     url, marker = served
     for load in (CheckedCheckpointIO().load_checkpoint, load_checkpoint, check_checkpoint_path):
@@ -273,7 +273,7 @@ def test_crafted_non_tensor_value_in_a_shard_never_runs(written, tmp_path) -> No
 
 
 def test_sharded_metadata_pointing_outside_its_folder_is_refused(sharded) -> None:
-    from lit_mllm.sharded import read_dcp_metadata
+    from lit_mllm.checkpoints.sharded import read_dcp_metadata
 
     _, folder = sharded
     metadata = read_dcp_metadata(folder / ".metadata")

@@ -4,40 +4,40 @@ Why not Lightning's own save alone: ``TorchCheckpointIO`` writes through an fssp
 whose local temp file comes from ``tempfile.mkstemp()`` in the *system temp dir*, then
 ``shutil.move``-s it into place. That is an atomic rename only when ``$TMPDIR`` is on the same
 file system as the checkpoint; otherwise ``shutil.move`` falls back to copying, and a kill during
-the copy leaves a truncated file under the final name (tests/test_resume.py reproduces this).
-Nothing is fsync-ed, and a killed save leaves a checkpoint-sized orphan in ``/tmp``.
+the copy leaves a truncated file under the final name (tests/test_checkpoints_atomic.py
+reproduces this). Nothing is fsync-ed, and a killed save leaves a checkpoint-sized orphan in
+``/tmp``.
 
 :class:`AtomicModelCheckpoint` therefore has every checkpoint written to ``.<name>.partial`` in
 the checkpoint's own folder (by :class:`CheckedCheckpointIO`, with no temp file elsewhere),
 fsync-ed, and ``os.replace``-d over the final name (then the folder is fsync-ed): a reader sees
 the old file or the new one, never half of one. Sharded folders also get a checksum manifest
-(:mod:`lit_mllm.integrity`); files carry torch's own per-record CRC32s. Loading goes through
-:mod:`lit_mllm.safe_load`.
+(:mod:`lit_mllm.checkpoints.integrity`); files carry torch's own per-record CRC32s. Loading
+goes through :mod:`lit_mllm.checkpoints.safe_load`; RNG states: :mod:`lit_mllm.checkpoints.rng`.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lit_mllm.checkpoints.integrity import crc32_of, files_to_check, write_manifest
+from lit_mllm.checkpoints.rng import collect_rng_state, restore_rng_state
+from lit_mllm.checkpoints.safe_load import is_remote, load_checkpoint_file
 from lit_mllm.errors import UsageError
-from lit_mllm.integrity import crc32_of, files_to_check, write_manifest
-from lit_mllm.safe_load import is_remote, load_checkpoint_file
 
 __all__ = [
     "AtomicModelCheckpoint",
     "CheckedCheckpointIO",
     "clean_stale_saves",
-    "load_checkpoint_file",
+    "commit_partial",
     "partial_path",
 ]
 
@@ -47,10 +47,11 @@ OLD_SUFFIX = ".old"
 
 # -- the CheckpointIO ------------------------------------------------------------------------------
 class CheckedCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` that loads through :func:`lit_mllm.safe_load.load_checkpoint_file`
-    (local files only, checksums first, ``weights_only=True``) and saves with ``torch.save``
-    straight into the checkpoint's folder: ``.<name>.partial``, then ``os.replace``. (Lightning's
-    save stages a temp file in the system temp dir, left behind by a kill.)"""
+    """``TorchCheckpointIO`` that loads through
+    :func:`lit_mllm.checkpoints.safe_load.load_checkpoint_file` (local files only, checksums
+    first, ``weights_only=True``) and saves with ``torch.save`` straight into the checkpoint's
+    folder: ``.<name>.partial``, then ``os.replace``. (Lightning's save stages a temp file in the
+    system temp dir, left behind by a kill.)"""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -82,37 +83,6 @@ class CheckedCheckpointIO(TorchCheckpointIO):
             )
         location = map_location if map_location is not None else (lambda storage, loc: storage)
         return load_checkpoint_file(path, map_location=location)
-
-
-# -- RNG state ------------------------------------------------------------------------------------
-def collect_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA generator states, as weights_only-loadable objects."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # -- atomic writes --------------------------------------------------------------------------------
