@@ -53,7 +53,7 @@ def local_or_cached_folder(
             cache_dir=hf_cache_dir(),
         )
     except Exception as error:  # offline, missing repo, partial cache: many types
-        raise FileNotFoundError(missing_message(what, name, error)) from None
+        raise FileNotFoundError(missing_message(what, name, type(error).__name__)) from error
     return Path(folder)
 
 
@@ -70,8 +70,8 @@ def cached_file(
     raise FileNotFoundError(missing_message(what, repo_id, f"none of {list(filenames)} is cached"))
 
 
-def missing_message(what: str, repo_id: str, detail: object) -> str:
-    reason = str(detail).splitlines()[0] if str(detail) else type(detail).__name__
+def missing_message(what: str, repo_id: str, reason: str) -> str:
+    """The library's own text is left out: it suggests going online, which lit-mllm never does."""
     return (
         f"{what} {repo_id!r} not found: it is not a local folder and not in the Hugging Face "
         f"cache {hf_cache_dir()}. Fetch it on a machine with network access with "

@@ -18,6 +18,14 @@ import torch
 from torch import Tensor
 
 from lit_mllm import captioning
+from lit_mllm.checkpoints.frozen import (
+    kept_weights,
+    parts_to_keep,
+    require_trainable,
+    trainable_names,
+)
+from lit_mllm.checkpoints.init_from import matching_weights, read_init_weights
+from lit_mllm.checkpoints.native import load_native_weights, read_native
 from lit_mllm.config import (
     ConnectorConfig,
     DecoderConfig,
@@ -114,6 +122,7 @@ class MLLMModule(L.LightningModule):
         self.step_dropped = False  # this optimiser step's gradients were dropped (all ranks)
         self.last_val_examples: dict[str, Any] | None = None
         self.last_caption_scores: dict[str, float] = {}
+        self.last_predictions: dict[str, dict[Any, str]] = {}  # stage -> image id -> caption
         self._predictions: list[dict[str, Any]] = []
         self.strict_loading = False  # frozen pretrained weights are not in checkpoints
         if init_from:
@@ -157,40 +166,50 @@ class MLLMModule(L.LightningModule):
     # -- checkpoints ------------------------------------------------------------------------------
     def load_trainable_weights(self, path: str) -> None:
         """``init_from``: start from another run's weights (e.g. stage 2 from stage 1)."""
-        from lit_mllm.checkpoints.frozen import init_from_checkpoint
-
-        init_from_checkpoint(self, path, strict=self.init_from_strict)
+        state = read_init_weights(path)
+        usable, skipped = matching_weights(
+            state, self.state_dict(), source=path, strict=self.init_from_strict
+        )
+        if skipped:
+            log.warning(
+                "init_from %s: skipped %d tensors of another shape (checkpoint -> model), "
+                "they keep their fresh initialisation: %s",
+                path,
+                len(skipped),
+                skipped,
+            )
+        self.load_state_dict(usable, strict=False)
+        log.info("init_from %s: loaded %d of %d tensors", path, len(usable), len(state))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from lit_mllm.checkpoints.frozen import prune_frozen
-
         checkpoint["lit_mllm_counters"] = {  # plain ints: loads with weights_only=True
             "skipped": self.skipped.state_dict(),
             "skipped_steps": self.skipped_steps,
             "consecutive_skips": self.consecutive_skips,
             "empty_batches": self.empty_batches,
         }
-        prune_frozen(self, checkpoint["state_dict"])
+        keep = parts_to_keep(self.save_frozen, self.hparams)
+        checkpoint["state_dict"] = kept_weights(
+            checkpoint["state_dict"], trainable_names(self), keep
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from lit_mllm.checkpoints.frozen import check_trainable_present
-
         counters = checkpoint.get("lit_mllm_counters", {})
         self.skipped.load_state_dict(counters.get("skipped", {}))
         self.skipped_steps = counters.get("skipped_steps", 0)
         self.consecutive_skips = counters.get("consecutive_skips", 0)
         self.empty_batches = counters.get("empty_batches", 0)
         if "state_dict" in checkpoint:  # FSDP sharded checkpoints load the weights themselves
-            check_trainable_present(self, checkpoint["state_dict"])
+            require_trainable(checkpoint["state_dict"], self.state_dict(), trainable_names(self))
 
     @classmethod
-    def from_pretrained(cls, directory: str, map_location: str = "cpu") -> MLLMModule:
-        """Load a folder written by ``lit-mllm-export --format native`` (or ``save_pretrained``)."""
-        from lit_mllm.checkpoints.native import read_native
-
-        config, state = read_native(directory, map_location=map_location)
-        module = cls(**config.module_arguments)
-        config.load_into(module, state)
+    def from_pretrained(
+        cls, directory: str, map_location: str = "cpu", *, trust_remote_code: bool = False
+    ) -> MLLMModule:
+        """Load a folder written by ``lit-mllm-export --format native``."""
+        folder = read_native(directory, map_location, trust_remote_code=trust_remote_code)
+        module = cls(**folder.hyper_parameters)
+        load_native_weights(module, folder)
         return module.to(map_location).eval()
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -371,10 +390,12 @@ class MLLMModule(L.LightningModule):
 
     # -- validation, test, captions --------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "val")
+        with torch.compiler.set_stance("force_eager"):  # compiled blocks serve training only
+            self._evaluate(batch, batch_idx, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test")
+        with torch.compiler.set_stance("force_eager"):
+            self._evaluate(batch, batch_idx, "test")
 
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, prefix: str) -> None:
         """Loss, then captions of the first ``val_caption_limit`` samples into the metrics; the
@@ -457,6 +478,7 @@ class MLLMModule(L.LightningModule):
         if metric is None or (not distributed and not metric.has_samples):
             return
         scores = metric.compute()
+        self.last_predictions[prefix] = dict(metric.last_predictions)
         metric.reset()
         self.last_caption_scores = {f"{prefix}/{k}": float(v) for k, v in scores.items()}
         for name, value in self.last_caption_scores.items():

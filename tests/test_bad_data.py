@@ -69,8 +69,9 @@ def conversation_tokenizer() -> ConversationTokenizer:
     return ConversationTokenizer(load_tokenizer("tiny"), num_image_tokens=4, max_length=MAX_LENGTH)
 
 
-def _datamodule(corpus_dir: Path, on_bad_sample: str) -> MLLMDataModule:
+def _datamodule(corpus_dir: Path, on_bad_sample: str, module: MLLMModule) -> MLLMDataModule:
     return MLLMDataModule(
+        **module.data_settings(),
         train=SplitSource("llava", str(corpus_dir / CORPUS_NAME), str(corpus_dir / "images")),
         batch_size=8,
         num_workers=0,
@@ -129,7 +130,7 @@ def test_fit_with_skip_counts_each_fault_exactly_and_trains_every_good_sample(
     corpus_dir, truth = corpus
     torch.manual_seed(0)
     module = MLLMModule(**MICRO)
-    datamodule = _datamodule(corpus_dir, "skip")
+    datamodule = _datamodule(corpus_dir, "skip", module)
     counter = CountTrained()
     trainer = _trainer(tmp_path, [counter])
     trainer.fit(module, datamodule)
@@ -148,7 +149,7 @@ def test_fit_with_error_stops_at_the_first_fault_found_while_loading(corpus, tmp
     first = next(r for r in truth["records"] if r["stage"] == "load")
     module = MLLMModule(**MICRO)
     with pytest.raises((BadSampleError, MissingImageError)) as info:
-        _trainer(tmp_path, []).fit(module, _datamodule(corpus_dir, "error"))
+        _trainer(tmp_path, []).fit(module, _datamodule(corpus_dir, "error", module))
     message = str(info.value)
     assert info.value.reason == first["reason"]
     assert str(corpus_dir / CORPUS_NAME) in message
@@ -158,8 +159,8 @@ def test_fit_with_error_stops_at_the_first_fault_found_while_loading(corpus, tmp
 def test_fit_with_error_stops_at_the_first_fault_met_in_training(synthetic, tmp_path) -> None:
     corpus_dir = tmp_path / "corpus"
     truth = write_corrupt_corpus(synthetic, corpus_dir, seed=1, kinds=TRAIN_KINDS)
-    datamodule = _datamodule(corpus_dir, "error")
     module = MLLMModule(**MICRO)
+    datamodule = _datamodule(corpus_dir, "error", module)
     with pytest.raises((ConversationError, BadImageError)) as info:
         _trainer(tmp_path, []).fit(module, datamodule)
     # the first fault in the training order (a reply truncated away is one too)
@@ -267,10 +268,10 @@ def test_the_corpus_is_seeded_and_never_written_over(synthetic, tmp_path) -> Non
 
 def test_skip_counts_stay_per_stage_when_validating(corpus, synthetic, tmp_path) -> None:
     corpus_dir, truth = corpus
-    datamodule = _datamodule(corpus_dir, "skip")
+    module = MLLMModule(**MICRO, metrics=["BLEU"], generation={"max_new_tokens": 2})
+    datamodule = _datamodule(corpus_dir, "skip", module)
     val = SplitSource("coco", str(synthetic / "captions_val.json"), str(synthetic / "images/val"))
     datamodule.sources["val"] = val
-    module = MLLMModule(**MICRO, metrics=["BLEU"], generation={"max_new_tokens": 2})
     trainer = _trainer(tmp_path, [])
     trainer.limit_val_batches = 1
     trainer.fit(module, datamodule)
@@ -297,7 +298,8 @@ def stopped_and_resumed(corpus, tmp_path_factory) -> tuple[Path, CountTrained, C
         checkpoint = AtomicModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1)
         trainer = _trainer(root, [counter, checkpoint])
         trainer.fit_loop.epoch_loop.max_steps = max_steps
-        trainer.fit(MLLMModule(**MICRO), _datamodule(corpus_dir, "skip"), ckpt_path=ckpt_path)
+        module = MLLMModule(**MICRO)
+        trainer.fit(module, _datamodule(corpus_dir, "skip", module), ckpt_path=ckpt_path)
         runs.append(counter)
     return root, runs[0], runs[1]
 

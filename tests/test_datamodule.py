@@ -119,9 +119,15 @@ def test_bad_images_are_skipped_and_counted(synthetic_dir: Path, tmp_path: Path)
 
 
 def test_missing_model_settings_give_a_clear_error(synthetic_dir: Path) -> None:
+    """The model's settings are never read from an attached module behind the user's back."""
     dm = MLLMDataModule(synthetic=SyntheticData(dir=str(synthetic_dir)), num_workers=0)
-    with pytest.raises(ValueError, match="image_data_config"):
+    with pytest.raises(ValueError, match=r"data\.image_data_config.*data_settings"):
         dm.setup("fit")
+    with_module = MLLMDataModule(
+        synthetic=SyntheticData(dir=str(synthetic_dir)), image_data_config=IMAGE_CONFIG
+    )
+    with pytest.raises(ValueError, match=r"data\.tokenizer"):
+        with_module.setup("fit")
 
 
 def test_prepare_data_rewrites_a_set_made_with_other_settings(tmp_path: Path) -> None:

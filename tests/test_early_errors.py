@@ -87,7 +87,7 @@ def test_default_metrics_drop_spice_without_its_jars_with_one_warning(monkeypatc
     module = MLLMModule(**MICRO_MODEL)  # metrics: the default list, SPICE included
     with caplog.at_level(logging.WARNING, logger="lit_mllm.module"):
         _setup(module, "fit")
-    assert module._metrics().scorer.metrics == ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
+    assert module.caption_metric().scorer.metrics == ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
     warnings = [r.getMessage() for r in caplog.records if "SPICE" in r.getMessage()]
     assert len(warnings) == 1 and "stanford-corenlp-3.6.0.jar" in warnings[0]
 

@@ -115,7 +115,7 @@ def test_missing_decoder_folder_names_the_path(sources, tmp_path) -> None:
 
 def test_missing_tokenizer_folder_names_the_path(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no_such_tokenizer"):
-        MLLMModule(tokenizer=str(tmp_path / "no_such_tokenizer"))
+        MLLMModule(preset="micro", tokenizer=str(tmp_path / "no_such_tokenizer"))
 
 
 def test_wrong_encoder_file_is_refused_not_silently_random(sources, tmp_path) -> None:

@@ -58,6 +58,7 @@ def test_predict_on_llava_data_writes_sample_ids(tmp_path: Path) -> None:
     out = tmp_path / "predictions.json"
     module = MLLMModule(**MICRO_MODEL, predictions_path=str(out), generation={"max_new_tokens": 4})
     data = MLLMDataModule(
+        **module.data_settings(),
         predict=SplitSource(kind="llava", file=str(file), image_root=str(file.parent / "images")),
         eval_batch_size=2,
         num_workers=0,

@@ -67,6 +67,7 @@ def train(args: argparse.Namespace) -> None:
     )
     data = Path(args.data)
     datamodule = MLLMDataModule(
+        **module.data_settings(),
         train=SplitSource("coco", str(data / "captions_train.json"), str(data / "images/train")),
         batch_size=BATCH_SIZE,
         num_workers=args.workers,

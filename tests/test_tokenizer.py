@@ -140,7 +140,10 @@ def test_hub_id_resolved_from_cache(
     (repo / "refs" / "main").write_text("0123abcd")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     tok = load_tokenizer("acme/tok")
-    assert len(tok) == 50257 and tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    # GPT-2's vocabulary + the image tokens load_tokenizer adds (one place, model and data alike)
+    assert (
+        len(tok) == 50257 + len(IMAGE_SPECIAL_TOKENS) and tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    )
     with pytest.raises(FileNotFoundError) as err:
         load_tokenizer("acme/missing")
     msg = str(err.value)

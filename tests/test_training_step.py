@@ -176,13 +176,13 @@ def _fsdp_rank(rank: int, port: int, results: dict) -> None:
         out = {}
         # step 1: a NaN in rank 1's shard only -> both ranks drop their gradients
         shard.grad = torch.tensor([3.0, 4.0] if rank == 0 else [float("nan")], dtype=torch.float64)
-        module._window["tokens"] = 4.0
-        module._finish_gradients(optimizer)
+        module.window.tokens = 4.0
+        module.finish_gradients(optimizer)
         out["skipped"] = (shard.grad is None, module.skipped_steps)
         # step 2: finite shards, 4 + 6 supervised tokens -> rescaled to the mean over 10
         shard.grad = torch.tensor([3.0, 4.0] if rank == 0 else [12.0], dtype=torch.float64)
-        module._window["tokens"] = 4.0 if rank == 0 else 6.0
-        module._finish_gradients(optimizer)
+        module.window.tokens = 4.0 if rank == 0 else 6.0
+        module.finish_gradients(optimizer)
         out["grad"] = shard.grad.tolist()
         out["norm"] = float(global_grad_norm([shard.grad * 1.0], strategy))
         strategy.sharding_strategy = type(strategy.sharding_strategy)["NO_SHARD"]
@@ -199,7 +199,7 @@ def test_sharded_gradients_skip_together_and_log_the_global_norm() -> None:
 
     import torch.multiprocessing as mp
 
-    from lit_mllm.module import LOSS_SUM_SCALE
+    from lit_mllm.gradients import LOSS_SUM_SCALE
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -294,6 +294,6 @@ def test_fsdp_clipping_goes_through_fsdps_clip_grad_norm() -> None:
     assert calls == [1.0]
     module.configure_gradient_clipping(optimizer, 1.0, "value")  # elementwise: per shard
     assert calls == [1.0] and param.grad.tolist() == [1.0, 1.0]
-    module._step_dropped = True
+    module.step_dropped = True
     module.configure_gradient_clipping(optimizer, 1.0, "norm")
     assert calls == [1.0]

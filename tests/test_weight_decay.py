@@ -45,11 +45,12 @@ def _decay_by_name(module: MLLMModule) -> dict[str, float]:
 @pytest.mark.parametrize(
     "overrides",
     [
-        {},  # the tiny default: resampler, 4-layer Qwen2 with tied embeddings, full training
+        {"preset": "tiny"},  # the embedded default: 4-layer Qwen2 with tied embeddings
+        {"preset": "micro"},  # resampler (learned queries), 2-layer Qwen2
         {**MICRO_MODEL, "decoder": NEOX, "connector": {"kind": "mlp"}},
         {**MICRO_MODEL, "decoder": {**MICRO_DECODER, "train": "lora"}},
     ],
-    ids=["tiny", "neox-mlp", "lora"],
+    ids=["tiny", "micro-resampler", "neox-mlp", "lora"],
 )
 def test_every_parameter_is_in_the_group_its_kind_predicts(overrides: dict) -> None:
     torch.manual_seed(0)

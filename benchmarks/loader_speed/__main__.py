@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=40)
     args = parser.parse_args(argv)
-    model = MLLMModule()
+    model = MLLMModule(preset="tiny")
     for task in ("caption", "instruct"):
         for packing in (False, True):
             dm = MLLMDataModule(

@@ -39,6 +39,28 @@ def reference_scores(
         return None
 
 
+def scene_facts(
+    trainer: L.Trainer, split: str, predictions: dict[Any, str] | None
+) -> dict[str, float] | None:
+    """Fact accuracy of the split's captions when its COCO file carries the drawn scenes (the
+    synthetic set does): the share of shapes whose kind, colour, size and place they state."""
+    sources = getattr(getattr(trainer, "datamodule", None), "sources", None) or {}
+    source = sources.get(split)
+    if not predictions or source is None or getattr(source, "kind", None) != "coco":
+        return None
+    from lit_mllm.data.synthetic.facts import fact_accuracy
+
+    scenes = {
+        image["id"]: image["scene"]
+        for image in json.loads(Path(source.file).read_text()).get("images", [])
+        if "scene" in image
+    }
+    ids = [i for i in predictions if i in scenes]
+    if not ids:
+        return None
+    return fact_accuracy([predictions[i] for i in ids], [scenes[i] for i in ids])
+
+
 def build_report(
     stage: str,
     scores: dict[str, float],
@@ -86,6 +108,13 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append("  reference = leave-one-out score of the human-style references")
     else:
         lines.append("  no caption metrics were computed (no validation with references ran)")
+    facts = report.get("facts")
+    if facts:
+        shares = ", ".join(
+            f"{k} {100 * facts[k]:.1f}%" for k in ("colour", "size", "place", "kind")
+        )
+        lines.append(f"  facts right per drawn shape: {shares}")
+        lines.append(f"  captions equal to the consensus caption: {100 * facts['consensus']:.1f}%")
     for key in ("loss", "best_checkpoint", "report_path"):
         if report.get(key) is not None:
             lines.append(f"  {key.replace('_', ' ')}: {report[key]}")
@@ -103,7 +132,9 @@ class CaptionReport(Callback):
 
     Reads ``pl_module.last_caption_scores`` (``{"val/CIDEr": ...}``); when the split comes from a
     COCO caption file (the synthetic set does) it adds the leave-one-out reference scores of
-    ``reference_metrics`` and the model/reference ratio (an empty list: none). The JSON goes to
+    ``reference_metrics`` and the model/reference ratio (an empty list: none), and where that file
+    carries the drawn scenes (the synthetic set), the fact accuracy of the captions (``facts``:
+    kind, colour, size and place per shape, ``data/synthetic/facts.py``). The JSON goes to
     ``trainer.log_dir``: ``caption_report.json`` after fit, ``caption_report_<stage>.json``
     after validate/test.
     """
@@ -151,6 +182,8 @@ class CaptionReport(Callback):
         }
         wall_seconds = time.perf_counter() - self._start  # the baseline is not the run's time
         references = reference_scores(trainer, split, self.reference_metrics)
+        predictions = (getattr(pl_module, "last_predictions", None) or {}).get(split)
+        extra["facts"] = scene_facts(trainer, split, predictions)
         report = build_report(stage, scores, references, wall_seconds, extra)
         name = "caption_report.json" if stage == "fit" else f"caption_report_{stage}.json"
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,17 @@ def _dataclass_in(annotation: Any) -> type | None:
     return None
 
 
+def _field_defaults(config_type: type) -> dict[str, Any]:
+    """The dataclass's field defaults; a field without one (always given) is left out."""
+    out = {}
+    for field in dataclasses.fields(config_type):
+        if field.default is not dataclasses.MISSING:
+            out[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            out[field.name] = field.default_factory()
+    return out
+
+
 def model_defaults(model_class: type) -> dict[str, Any]:
     """What each ``__init__`` argument is when left out; a ``SomeConfig | None = None``
     argument as the dataclass's fields (the parser fills unset fields with those)."""
@@ -35,10 +46,25 @@ def model_defaults(model_class: type) -> dict[str, Any]:
             continue
         config_type = _dataclass_in(hints.get(name))
         if config_type is not None and param.default is None:
-            defaults[name] = dataclasses.asdict(config_type())
+            defaults[name] = _field_defaults(config_type)
         else:
             defaults[name] = param.default
     return defaults
+
+
+def with_preset(given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with the sections a named preset supplies filled in: naming a preset gives
+    every setting of it (a section given beside it replaces the preset's, as when building)."""
+    from lit_mllm.config import PRESETS
+
+    preset = given.get("preset")
+    if preset not in PRESETS:
+        return given
+    filled = dict(given)
+    for key, value in PRESETS[preset].as_dict().items():
+        if filled.get(key) is None:
+            filled[key] = value
+    return filled
 
 
 def _plain(value: Any) -> Any:
@@ -61,6 +87,7 @@ def model_differences(
     ``hyper_parameters``; ``defaults``: :func:`model_defaults`.
     """
     found = []
+    given = with_preset(given)
     for key, saved_value in saved.items():
         if key.startswith("_") or key not in given or given[key] is None:
             continue

@@ -62,6 +62,7 @@ class CaptionMetrics(Metric):
         super().__init__(**kwargs)
         self.scorer = CaptionScorer(metrics, spice_cache_dir, meteor_processes)
         self._samples: list[Sample] = []
+        self.last_predictions: dict[ImageId, str] = {}  # of the last compute(), all ranks
 
     def update(
         self,
@@ -145,6 +146,7 @@ class CaptionMetrics(Metric):
         if not unique:
             raise ValueError("CaptionMetrics.compute() has no samples: call update() first")
         ids = sorted_image_ids(unique)
+        self.last_predictions = {i: unique[i][1] for i in ids}
         return self.scorer.score(ids, [unique[i][2] for i in ids], [unique[i][1] for i in ids])
 
 

@@ -246,8 +246,8 @@ class MultimodalLM(nn.Module):
             generation_config = copy.deepcopy(generation_config)
             generation_config.update(**generate_kwargs)
         self.language_model().generation_config = generation_config
-        embeds = self.embed(prompt_ids, pixel_values, image_features=image_features)
         with torch.compiler.set_stance("force_eager"):
+            embeds = self.embed(prompt_ids, pixel_values, image_features=image_features)
             return self.decoder.generate(
                 inputs_embeds=embeds,
                 attention_mask=prompt_attention_mask,
