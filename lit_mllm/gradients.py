@@ -10,12 +10,13 @@ anywhere: every rank skips the same step, so none waits in a collective the othe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LOSS_SUM_SCALE", "StepOutcome", "TokenMeanWindow", "zero_loss"]
+__all__ = ["LOSS_SUM_SCALE", "StepOutcome", "TokenMeanWindow", "clip_gradients", "zero_loss"]
 
 # A power of two, so the scaling is exact; it keeps each micro-batch's gradients near those of a
 # mean over ~1k tokens (fp16 headroom).
@@ -112,3 +113,28 @@ def zero_loss(loss: Tensor, params: list[nn.Parameter], through_graph: bool) -> 
     if through_graph:
         return loss * 0.0
     return sum((p.reshape(-1)[:1].sum() * 0.0 for p in params), loss.new_zeros(()))
+
+
+def clip_gradients(
+    optimizer: torch.optim.Optimizer,
+    value: float,
+    algorithm: str | None,
+    *,
+    fsdp_root: nn.Module | None,
+    scaled: bool,
+    lightning_clip: Callable[[torch.optim.Optimizer, float, str | None], None],
+) -> None:
+    """Clip as Lightning would, where Lightning cannot: under FSDP (sharded gradients: the
+    global norm through FSDP's own ``clip_grad_norm_``; Lightning's FSDP precision plugin
+    refuses norm clipping) and for fused AdamW without a grad scaler (Lightning refuses to
+    clip it, but with no scaler nothing needs unscaling first)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    fused_unscaled = getattr(optimizer, "_step_supports_amp_scaling", False) and not scaled
+    if algorithm == "value" and (fsdp_root is not None or fused_unscaled):
+        torch.nn.utils.clip_grad_value_(params, value)  # elementwise: shards clip like the whole
+    elif fsdp_root is not None:
+        fsdp_root.clip_grad_norm_(value)
+    elif fused_unscaled:
+        torch.nn.utils.clip_grad_norm_(params, value)
+    else:
+        lightning_clip(optimizer, value, algorithm)

@@ -1,6 +1,7 @@
 """MLLMModule: the Lightning hooks around the multimodal model.
 
-What each hook delegates to: the model and its assembly (``models/``), settings and presets
+The training side is here; validation, test and predict hooks are in ``evaluation.py``. What
+each hook delegates to: the model and its assembly (``models/``), settings and presets
 (``config.py``), AdamW groups and schedule (``optim.py``), token-weighted steps that every rank
 takes or skips together (``gradients.py``), captions and prediction files (``captioning.py``),
 caption metrics (``metrics/``), dropped-sample reports (``skips.py``), checkpoint contents and
@@ -24,7 +25,7 @@ from lit_mllm.checkpoints.frozen import (
     require_trainable,
     trainable_names,
 )
-from lit_mllm.checkpoints.init_from import matching_weights, read_init_weights
+from lit_mllm.checkpoints.init_from import load_init_weights
 from lit_mllm.checkpoints.native import load_native_weights, read_native
 from lit_mllm.config import (
     ConnectorConfig,
@@ -36,7 +37,8 @@ from lit_mllm.config import (
     section,
 )
 from lit_mllm.data.tokenizer import load_tokenizer
-from lit_mllm.gradients import LOSS_SUM_SCALE, TokenMeanWindow, zero_loss
+from lit_mllm.evaluation import CaptionEvaluation
+from lit_mllm.gradients import LOSS_SUM_SCALE, TokenMeanWindow, clip_gradients, zero_loss
 from lit_mllm.models.build import build_model
 from lit_mllm.optim import build_optimizer, no_decay_parameters, parameter_groups
 from lit_mllm.skips import SkippedSamples
@@ -44,7 +46,7 @@ from lit_mllm.skips import SkippedSamples
 log = logging.getLogger(__name__)
 
 
-class MLLMModule(L.LightningModule):
+class MLLMModule(CaptionEvaluation, L.LightningModule):
     """Frozen timm encoder + trainable connector + causal LM decoder.
 
     The model is a named preset (``preset="tiny"``) and/or explicit ``tokenizer`` / ``encoder``
@@ -166,20 +168,7 @@ class MLLMModule(L.LightningModule):
     # -- checkpoints ------------------------------------------------------------------------------
     def load_trainable_weights(self, path: str) -> None:
         """``init_from``: start from another run's weights (e.g. stage 2 from stage 1)."""
-        state = read_init_weights(path)
-        usable, skipped = matching_weights(
-            state, self.state_dict(), source=path, strict=self.init_from_strict
-        )
-        if skipped:
-            log.warning(
-                "init_from %s: skipped %d tensors of another shape (checkpoint -> model), "
-                "they keep their fresh initialisation: %s",
-                path,
-                len(skipped),
-                skipped,
-            )
-        self.load_state_dict(usable, strict=False)
-        log.info("init_from %s: loaded %d of %d tensors", path, len(usable), len(state))
+        load_init_weights(self, path, strict=self.init_from_strict)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_mllm_counters"] = {  # plain ints: loads with weights_only=True
@@ -274,23 +263,15 @@ class MLLMModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """FSDP shards gradients: clip by the global norm through its own ``clip_grad_norm_``
-        (Lightning's FSDP precision plugin refuses norm clipping, so ``self.clip_gradients``
-        must not be reached there)."""
-        if not gradient_clip_val or self.step_dropped:  # the same decision on every rank
-            return
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        fused_unscaled = getattr(optimizer, "_step_supports_amp_scaling", False) and (
-            not self._grad_scaler()
-        )
-        if gradient_clip_algorithm == "value" and (self._fsdp() or fused_unscaled):
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)  # elementwise: shards too
-        elif self._fsdp():
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
-        elif fused_unscaled:  # Lightning refuses to clip fused AdamW; with no scaler nothing
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)  # needs unscaling first
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val and not self.step_dropped:  # the same decision on every rank
+            clip_gradients(
+                optimizer,
+                gradient_clip_val,
+                gradient_clip_algorithm,
+                fsdp_root=self.trainer.strategy.model if self._fsdp() else None,
+                scaled=self._grad_scaler(),
+                lightning_clip=self.clip_gradients,
+            )
 
     # -- training ---------------------------------------------------------------------------------
     def forward(
@@ -388,102 +369,6 @@ class MLLMModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._report_skipped("train")
 
-    # -- validation, test, captions --------------------------------------------------------------
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        with torch.compiler.set_stance("force_eager"):  # compiled blocks serve training only
-            self._evaluate(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        with torch.compiler.set_stance("force_eager"):
-            self._evaluate(batch, batch_idx, "test")
-
-    def _evaluate(self, batch: dict[str, Any], batch_idx: int, prefix: str) -> None:
-        """Loss, then captions of the first ``val_caption_limit`` samples into the metrics; the
-        images are encoded once and serve both."""
-        self.skipped.add(prefix, batch)
-        if batch.get("batch_size", 1) == 0:
-            return
-        pixel_values = batch.get("pixel_values")
-        features = None
-        if pixel_values is not None and len(pixel_values):
-            features = self.model.encode_images(pixel_values)
-        loss, count = self(batch, image_features=features)
-        if int(count) > 0:
-            self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=int(count), sync_dist=True)
-        size = len(batch["sample_id"])
-        limit = self.val_caption_limit if prefix == "val" else None
-        keep = size if limit is None else min(size, limit - batch_idx * size)
-        if "prompt_ids" not in batch or keep <= 0:
-            return
-        captions = self.caption(batch, limit=keep, image_features=features)
-        ids, refs = batch["image_id"][:keep], batch["references"][:keep]
-        with_refs = [i for i, r in enumerate(refs) if r]
-        if with_refs:
-            self.caption_metric().update(
-                [ids[i] for i in with_refs],
-                [captions[i] for i in with_refs],
-                [refs[i] for i in with_refs],
-            )
-        if batch_idx == 0:  # for the caption gallery: first images of the epoch
-            images = None if pixel_values is None else pixel_values[: len(captions)]
-            self.last_val_examples = {
-                "pixel_values": None if images is None else images.detach().float().cpu(),
-                "predictions": captions,
-                "references": [list(r) for r in refs],
-                "image_ids": list(ids),
-            }
-
-    def caption(
-        self, batch: dict[str, Any], limit: int | None = None, image_features: Tensor | None = None
-    ) -> list[str]:
-        """Greedy/beam captions for the batch's generation prompts (the first ``limit`` rows)."""
-        return captioning.caption_batch(
-            self.model, self.tokenizer, batch, self.hf_generation_config(), limit, image_features
-        )
-
-    def hf_generation_config(self):
-        """The complete transformers decoding setup from ``model.generation`` (read at each
-        call, so changing ``generation_cfg`` takes effect)."""
-        return captioning.generation_config(
-            self.generation_cfg, self.end_token_ids, self.tokenizer.pad_token_id
-        )
-
-    def caption_metric(self):
-        """The caption metrics, built once (every rank: ``compute`` is a collective)."""
-        if self.caption_metrics is None:
-            from lit_mllm.metrics.caption import CaptionMetrics
-
-            names = self._checked_metrics or self.metric_names
-            kwargs = {"metrics": list(names)} if names else {}
-            self.caption_metrics = CaptionMetrics(**kwargs).to(self.device)
-        return self.caption_metrics
-
-    def on_validation_epoch_start(self) -> None:
-        self.caption_metric()
-
-    def on_test_epoch_start(self) -> None:
-        self.caption_metric()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_caption_metrics("val")
-        self._report_skipped("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_caption_metrics("test")
-        self._report_skipped("test")
-
-    def _log_caption_metrics(self, prefix: str) -> None:
-        metric = self.caption_metrics
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if metric is None or (not distributed and not metric.has_samples):
-            return
-        scores = metric.compute()
-        self.last_predictions[prefix] = dict(metric.last_predictions)
-        metric.reset()
-        self.last_caption_scores = {f"{prefix}/{k}": float(v) for k, v in scores.items()}
-        for name, value in self.last_caption_scores.items():
-            self.log(name, value, sync_dist=False, rank_zero_only=False)
-
     def _report_skipped(self, stage: str) -> None:
         """Counted per batch, summed over ranks, logged and written next to the logs."""
         data = getattr(self.trainer, "datamodule", None)
@@ -495,25 +380,6 @@ class MLLMModule(L.LightningModule):
         )
         for reason, count in gathered.items():
             self.log(f"data/skipped_{reason}", float(count), rank_zero_only=True)
-
-    # -- predict ---------------------------------------------------------------------------------
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        self.skipped.add("predict", batch)
-        if batch.get("batch_size", 1) == 0:
-            return []
-        rows = captioning.prediction_rows(batch, self.caption(batch))
-        self._predictions.extend(rows)
-        return rows
-
-    def on_predict_epoch_end(self) -> None:
-        rows = self._predictions
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list[list] = [[] for _ in range(torch.distributed.get_world_size())]
-            torch.distributed.all_gather_object(parts, rows)
-            rows = captioning.unique_predictions(parts)
-        if self.predictions_path and self.trainer.is_global_zero:
-            captioning.write_predictions(self.predictions_path, rows)
-        self._predictions = []
 
     def train(self, mode: bool = True) -> MLLMModule:
         super().train(mode)

@@ -35,7 +35,7 @@ def test_init_from_not_strict_skips_them_with_a_warning(tmp_path: Path, caplog) 
     torch.manual_seed(0)
     fresh = MLLMModule(**MICRO_MODEL).state_dict()
     torch.manual_seed(0)
-    with caplog.at_level(logging.WARNING, logger="lit_mllm.module"):
+    with caplog.at_level(logging.WARNING, logger="lit_mllm.checkpoints.init_from"):
         module = MLLMModule(**MICRO_MODEL, init_from=str(path), init_from_strict=False)
     state = module.state_dict()
     skipped = [n for n in state if n in saved and saved[n].shape != state[n].shape]

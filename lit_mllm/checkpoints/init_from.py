@@ -7,14 +7,17 @@ since the run would otherwise silently start half from scratch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lit_mllm.checkpoints.safe_load import load_checkpoint_file
 
-__all__ = ["matching_weights", "read_init_weights"]
+__all__ = ["load_init_weights", "matching_weights", "read_init_weights"]
+
+log = logging.getLogger(__name__)
 
 
 def read_init_weights(path: str | Path) -> dict[str, Tensor]:
@@ -52,3 +55,20 @@ def matching_weights(
     if not usable:
         raise ValueError(f"init_from: {source!r} shares no weights with this model")
     return usable, mismatched
+
+
+def load_init_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Load the matching weights of checkpoint ``path`` into ``model``; with ``strict`` off,
+    weights of another shape keep their fresh initialisation and are named in a WARNING."""
+    state = read_init_weights(path)
+    usable, skipped = matching_weights(state, model.state_dict(), source=str(path), strict=strict)
+    if skipped:
+        log.warning(
+            "init_from %s: skipped %d tensors of another shape (checkpoint -> model), "
+            "they keep their fresh initialisation: %s",
+            path,
+            len(skipped),
+            skipped,
+        )
+    model.load_state_dict(usable, strict=False)
+    log.info("init_from %s: loaded %d of %d tensors", path, len(usable), len(state))

@@ -1,0 +1,132 @@
+"""The validation, test and predict hooks of :class:`~lit_mllm.module.MLLMModule`: captions.
+
+A mixin, so the LightningModule's hooks read as two files of one job each: training
+(``module.py``) and evaluation (here). It uses what ``MLLMModule.__init__`` builds: ``model``,
+``tokenizer``, ``generation_cfg``, ``end_token_ids``, the metric settings and ``skipped``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_mllm import captioning
+
+
+class CaptionEvaluation:
+    """Loss and captions in validation and test (caption metrics each epoch), predictions."""
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        with torch.compiler.set_stance("force_eager"):  # compiled blocks serve training only
+            self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        with torch.compiler.set_stance("force_eager"):
+            self._evaluate(batch, batch_idx, "test")
+
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, prefix: str) -> None:
+        """Loss, then captions of the first ``val_caption_limit`` samples into the metrics; the
+        images are encoded once and serve both."""
+        self.skipped.add(prefix, batch)
+        if batch.get("batch_size", 1) == 0:
+            return
+        pixel_values = batch.get("pixel_values")
+        features = None
+        if pixel_values is not None and len(pixel_values):
+            features = self.model.encode_images(pixel_values)
+        loss, count = self(batch, image_features=features)
+        if int(count) > 0:
+            self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=int(count), sync_dist=True)
+        size = len(batch["sample_id"])
+        limit = self.val_caption_limit if prefix == "val" else None
+        keep = size if limit is None else min(size, limit - batch_idx * size)
+        if "prompt_ids" not in batch or keep <= 0:
+            return
+        captions = self.caption(batch, limit=keep, image_features=features)
+        ids, refs = batch["image_id"][:keep], batch["references"][:keep]
+        with_refs = [i for i, r in enumerate(refs) if r]
+        if with_refs:
+            self.caption_metric().update(
+                [ids[i] for i in with_refs],
+                [captions[i] for i in with_refs],
+                [refs[i] for i in with_refs],
+            )
+        if batch_idx == 0:  # for the caption gallery: first images of the epoch
+            images = None if pixel_values is None else pixel_values[: len(captions)]
+            self.last_val_examples = {
+                "pixel_values": None if images is None else images.detach().float().cpu(),
+                "predictions": captions,
+                "references": [list(r) for r in refs],
+                "image_ids": list(ids),
+            }
+
+    def caption(
+        self, batch: dict[str, Any], limit: int | None = None, image_features: Tensor | None = None
+    ) -> list[str]:
+        """Greedy/beam captions for the batch's generation prompts (the first ``limit`` rows)."""
+        return captioning.caption_batch(
+            self.model, self.tokenizer, batch, self.hf_generation_config(), limit, image_features
+        )
+
+    def hf_generation_config(self):
+        """The complete transformers decoding setup from ``model.generation`` (read at each
+        call, so changing ``generation_cfg`` takes effect)."""
+        return captioning.generation_config(
+            self.generation_cfg, self.end_token_ids, self.tokenizer.pad_token_id
+        )
+
+    def caption_metric(self):
+        """The caption metrics, built once (every rank: ``compute`` is a collective)."""
+        if self.caption_metrics is None:
+            from lit_mllm.metrics.caption import CaptionMetrics
+
+            names = self._checked_metrics or self.metric_names
+            kwargs = {"metrics": list(names)} if names else {}
+            self.caption_metrics = CaptionMetrics(**kwargs).to(self.device)
+        return self.caption_metrics
+
+    def on_validation_epoch_start(self) -> None:
+        self.caption_metric()
+
+    def on_test_epoch_start(self) -> None:
+        self.caption_metric()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_caption_metrics("val")
+        self._report_skipped("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_caption_metrics("test")
+        self._report_skipped("test")
+
+    def _log_caption_metrics(self, prefix: str) -> None:
+        metric = self.caption_metrics
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if metric is None or (not distributed and not metric.has_samples):
+            return
+        scores = metric.compute()
+        self.last_predictions[prefix] = dict(metric.last_predictions)
+        metric.reset()
+        self.last_caption_scores = {f"{prefix}/{k}": float(v) for k, v in scores.items()}
+        for name, value in self.last_caption_scores.items():
+            self.log(name, value, sync_dist=False, rank_zero_only=False)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        self.skipped.add("predict", batch)
+        if batch.get("batch_size", 1) == 0:
+            return []
+        rows = captioning.prediction_rows(batch, self.caption(batch))
+        self._predictions.extend(rows)
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        rows = self._predictions
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[list] = [[] for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(parts, rows)
+            rows = captioning.unique_predictions(parts)
+        if self.predictions_path and self.trainer.is_global_zero:
+            captioning.write_predictions(self.predictions_path, rows)
+        self._predictions = []
