@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lit_mllm.clip.text_tower import TextTower
 from lit_mllm.data.tokenizer import load_tokenizer
-from lit_mllm.models.vision import create_backbone
+from lit_mllm.models.vision import create_backbone, image_data_config
 
 WEIGHTS_FILE = "model.safetensors"
 FACT_NAMES = ("kind", "colour", "size")
@@ -94,12 +94,8 @@ class ContrastivePretraining(L.LightningModule):
 
     @property
     def image_data_config(self) -> dict[str, Any]:
-        """The timm preprocessing of this encoder at its own ``img_size`` (linked to the data)."""
-        config = dict(timm.data.resolve_model_data_config(self.encoder))
-        img_size = getattr(getattr(self.encoder, "patch_embed", None), "img_size", None)
-        if img_size is not None:
-            config["input_size"] = (config["input_size"][0], int(img_size[0]), int(img_size[1]))
-        return config
+        """The encoder's timm preprocessing at its own ``img_size`` (linked to the data)."""
+        return image_data_config(self.encoder)
 
     def patch_tokens(self, pixel_values: Tensor) -> Tensor:
         features = self.encoder.forward_features(pixel_values)

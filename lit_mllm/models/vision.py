@@ -34,7 +34,7 @@ from lit_mllm.models.weights import (
     resolve_local_checkpoint,
 )
 
-__all__ = ["VisionEncoder", "create_backbone"]
+__all__ = ["VisionEncoder", "create_backbone", "image_data_config"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,6 +54,16 @@ def create_backbone(model_name: str, model_kwargs: dict[str, Any] | None = None)
         if "dynamic_img" not in str(err):
             raise ValueError(f"timm.create_model({model_name!r}) failed: {err}") from None
     return timm.create_model(model_name, pretrained=False, **{**base, **kwargs})
+
+
+def image_data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's preprocessing config of ``model``, with ``input_size`` following the model's own
+    ``img_size`` (a custom-sized ViT keeps the pretrained config's 224 otherwise)."""
+    cfg = dict(timm.data.resolve_model_data_config(model))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], int(img_size[0]), int(img_size[1]))
+    return cfg
 
 
 class VisionEncoder(nn.Module):
@@ -157,12 +167,7 @@ class VisionEncoder(nn.Module):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        """timm preprocessing config; ``input_size`` follows the model's own ``img_size``."""
-        cfg = dict(timm.data.resolve_model_data_config(self.model))
-        img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
-        if img_size is not None:
-            cfg["input_size"] = (cfg["input_size"][0], int(img_size[0]), int(img_size[1]))
-        return cfg
+        return image_data_config(self.model)
 
     @property
     def default_grid(self) -> tuple[int, int]:
