@@ -107,20 +107,24 @@ class ModelSettings:
 
 
 PRESETS: dict[str, ModelSettings] = {
-    # the embedded default (configs/tiny.yaml, notebooks): trains on 2 CPU cores in minutes
+    # the embedded default (configs/tiny.yaml, notebooks): the seed recipe's architecture in
+    # miniature, trained on 2 CPU cores in minutes: a frozen ViT pretrained by lit-mllm-clip on
+    # the synthetic set (the packaged asset, lit_mllm/assets/tiny_encoder/NOTE.md), a 9-query
+    # resampler and a 4-layer decoder
     "tiny": ModelSettings(
         tokenizer="tiny",
         encoder=EncoderConfig(
             name="vit_base_patch16_224",
+            checkpoint_path="tiny",
             model_kwargs={
                 "img_size": 72,
-                "patch_size": 24,
-                "embed_dim": 192,
+                "patch_size": 6,
+                "embed_dim": 128,
                 "depth": 4,
-                "num_heads": 3,
+                "num_heads": 2,
             },
         ),
-        connector=ConnectorConfig(kind="mlp"),
+        connector=ConnectorConfig(kind="resampler", num_queries=9),
         decoder=DecoderConfig(
             config={
                 "model_type": "qwen2",

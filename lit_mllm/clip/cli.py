@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import LightningCLI
 
 from lit_mllm.clip.data import CaptionPairDataModule
 from lit_mllm.clip.module import ContrastivePretraining
+from lit_mllm.errors import DEBUG_FLAG, DEBUG_HELP, pop_debug_flag, run_reporting_errors
 
 
 class ClipCLI(LightningCLI):
@@ -20,14 +23,21 @@ class ClipCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> None:
-    ClipCLI(
-        ContrastivePretraining,
-        CaptionPairDataModule,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+def main(args: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if args is None else args
+    argv, debug = pop_debug_flag(argv)
+
+    def run() -> None:
+        ClipCLI(
+            ContrastivePretraining,
+            CaptionPairDataModule,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"epilog": f"{DEBUG_FLAG}: {DEBUG_HELP}"},
+            args=argv,
+        )
+
+    return run_reporting_errors("lit-mllm-clip", run, debug=debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
