@@ -23,6 +23,7 @@ from lit_mllm.checkpoints.safe_load import (
     check_checkpoint_path,
     refuse_remote_code,
 )
+from lit_mllm.config import preset_defaults
 from lit_mllm.data.datamodule import MLLMDataModule
 from lit_mllm.errors import DEBUG_FLAG, DEBUG_HELP, UsageError, pop_debug_flag, run_reporting_errors
 from lit_mllm.module import MLLMModule
@@ -42,14 +43,22 @@ class MLLMCLI(LightningCLI):
         parser.link_arguments("model.chat_template_kwargs", "data.chat_template_kwargs")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._parse(parser, args)
+        subcommand = self.config.get("subcommand")
+        prefix = f"{subcommand}." if subcommand else ""
+        preset = self.config.get(f"{prefix}model.preset")
+        if preset is not None:  # the preset's settings become defaults: every field given in
+            parser.set_defaults(preset_defaults(preset, f"{prefix}model."))  # YAML or on the
+            self._parse(parser, args)  # command line still wins, one field at a time
+        if subcommand:
+            self._check_run_settings(subcommand, self.config[subcommand])
+
+    def _parse(self, parser: LightningArgumentParser, args: Any) -> None:
         if isinstance(args, dict | Namespace):
             super().parse_arguments(parser, args)
         else:
             argv, _ = pop_debug_flag(sys.argv[1:] if args is None else args)
             self.config = parser.parse_args(argv)
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            self._check_run_settings(subcommand, self.config[subcommand])
 
     def _check_run_settings(self, subcommand: str, config: Namespace) -> None:
         """``weights_only=True`` for every load; a ``--ckpt_path`` checked before Lightning

@@ -3,8 +3,10 @@
 Every class here is a plain dataclass that LightningCLI reads from YAML (``model.encoder``,
 ``model.connector`` ...). Defaults are neutral: nothing in a default is sized for the tiny demo.
 A *preset* (``model.preset: tiny``, ``MLLMModule(preset="micro")``) names a whole model the way
-litgpt names its configs; a section given next to it replaces that section of the preset, so
-``--model.preset tiny --model.connector.kind mlp`` is the tiny model with an MLP connector.
+litgpt names its configs. Fields given beside it override the preset's one at a time:
+``--model.preset tiny --model.connector.kind mlp`` is the tiny model with an MLP connector
+(the CLI sets the preset as parser defaults; in Python a dict section changes only its fields,
+a dataclass section replaces the preset's).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ __all__ = [
     "EncoderConfig",
     "ModelSettings",
     "OptimConfig",
+    "preset_defaults",
     "resolve_model_settings",
 ]
 
@@ -32,7 +35,7 @@ class EncoderConfig:
     ``model_kwargs`` builds a custom size; ``feature_layer`` -1 is the final normed output,
     -2 the penultimate block (LLaVA)."""
 
-    name: str
+    name: str = "vit_base_patch16_224"
     pretrained: bool = False
     checkpoint_path: str | None = None
     model_kwargs: dict[str, Any] | None = None
@@ -44,10 +47,14 @@ class EncoderConfig:
 @dataclass
 class ConnectorConfig:
     """``resampler`` (MiniCPM-V: ``num_queries`` tokens per image) or ``mlp`` (LLaVA-1.5: one
-    token per patch)."""
+    token per patch). ``key_pos_grid``: the resampler's key positions as a sin-cos table of the
+    patch grid (``kv_grid``), or the query grid's table bicubically resized to the patch grid
+    (``query_grid``, OmniLMM's ``get_abs_pos``: query and key positions then agree on where in
+    the image they are)."""
 
     kind: Literal["resampler", "mlp"] = "resampler"
     num_queries: int = 64
+    key_pos_grid: Literal["kv_grid", "query_grid"] = "kv_grid"
 
 
 @dataclass
@@ -168,13 +175,27 @@ PRESETS: dict[str, ModelSettings] = {
 }
 
 
-def section(kind: type, value: Any) -> Any:
-    """A settings section from a dataclass, a dict (YAML) or None (not given)."""
+def section(kind: type, value: Any, base: Any = None) -> Any:
+    """A settings section from a dataclass (used as is), a dict (its fields over ``base``, the
+    preset's section, when there is one) or None (not given)."""
     if value is None or isinstance(value, kind):
         return copy.deepcopy(value)
     if isinstance(value, dict):
-        return kind(**value)
+        fields = {**(asdict(base) if base is not None else {}), **value}
+        return kind(**fields)
     raise TypeError(f"expected {kind.__name__} or a dict, got {type(value).__name__}")
+
+
+def preset_defaults(preset: str, prefix: str = "model.") -> dict[str, Any]:
+    """A preset as parser defaults (``{"model.encoder": EncoderConfig(...), ...}``): the CLI
+    sets them before parsing, so a YAML or command-line field overrides only that field."""
+    return {f"{prefix}{key}": copy.deepcopy(value) for key, value in vars(_preset(preset)).items()}
+
+
+def _preset(name: str) -> ModelSettings:
+    if name not in PRESETS:
+        raise ValueError(f"model.preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
 
 
 def resolve_model_settings(
@@ -184,17 +205,14 @@ def resolve_model_settings(
     connector: ConnectorConfig | dict | None = None,
     decoder: DecoderConfig | dict | None = None,
 ) -> ModelSettings:
-    """The preset's settings, with every section given here replacing the preset's."""
-    base = None
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"model.preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
-        base = copy.deepcopy(PRESETS[preset])
+    """The preset's settings with what is given here over them: a dataclass section replaces
+    the preset's, a dict section changes only the fields it names."""
+    base = copy.deepcopy(_preset(preset)) if preset is not None else None
     given = {
         "tokenizer": tokenizer,
-        "encoder": section(EncoderConfig, encoder),
-        "connector": section(ConnectorConfig, connector),
-        "decoder": section(DecoderConfig, decoder),
+        "encoder": section(EncoderConfig, encoder, base and base.encoder),
+        "connector": section(ConnectorConfig, connector, base and base.connector),
+        "decoder": section(DecoderConfig, decoder, base and base.decoder),
     }
     missing = [k for k in ("tokenizer", "encoder", "decoder") if given[k] is None and base is None]
     if missing:

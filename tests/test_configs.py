@@ -139,8 +139,12 @@ def test_tiny_with_cpu_preset_instantiates_and_keeps_the_recipe_callbacks(tmp_pa
     assert cli.trainer.gradient_clip_val == 1.0
     assert cli.trainer.checkpoint_callback.monitor == "val/CIDEr"
     assert isinstance(cli.model, MLLMModule)
-    assert cli.model.num_image_tokens == 9  # one MLP token per 24 px patch
-    assert _count(cli.model) == 5_641_344
+    assert cli.model.num_image_tokens == 9  # the resampler's 9 learned queries
+    reference = MLLMModule(preset="tiny")  # the recipe is the preset, nothing more
+    assert _count(cli.model) == _count(reference)
+    assert _count(cli.model, trainable=True) == _count(reference, trainable=True)
+    assert type(cli.model.model.connector).__name__ == "Resampler"
+    assert not any(p.requires_grad for p in cli.model.model.encoder.parameters())
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)

@@ -80,6 +80,7 @@ def test_two_process_predict_deduplicates_by_sample_id(tmp_path: Path) -> None:
             "strategy": "ddp",
             "logger": False,
             "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
         },
         "model": {**MICRO_MODEL, "predictions_path": str(out), "generation": {"max_new_tokens": 4}},
         "data": {
@@ -96,7 +97,11 @@ def test_two_process_predict_deduplicates_by_sample_id(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "lit_mllm.cli", "predict", "--config", str(path)]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         _, stderr = process.communicate(timeout=240)

@@ -50,6 +50,7 @@ def build_model(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase) -> 
         embed_dim=decoder.config.get_text_config().hidden_size,
         kv_grid=grid,
         num_queries=conn.num_queries,
+        key_pos_grid=conn.key_pos_grid,
     )
     model = MultimodalLM(
         vision,
