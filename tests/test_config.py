@@ -71,3 +71,17 @@ def test_the_cli_overrides_one_field_of_a_preset() -> None:
     assert config.connector.num_queries == tiny.connector.num_queries
     assert config.encoder.checkpoint_path == tiny.encoder.checkpoint_path
     assert config.tokenizer == tiny.tokenizer
+
+
+def test_connector_settings_reach_the_resampler() -> None:
+    """``num_heads`` and ``key_pos_grid`` change the module that is built, not only the YAML."""
+    from lit_mllm.module import MLLMModule
+
+    module = MLLMModule(
+        preset="micro", connector={"num_queries": 9, "num_heads": 4, "key_pos_grid": "query_grid"}
+    )
+    resampler = module.model.connector
+    assert (resampler.num_queries, resampler.num_heads) == (9, 4)
+    assert resampler.key_pos_grid == "query_grid"
+    default = MLLMModule(preset="micro").model.connector
+    assert default.num_heads == 1  # embed_dim 64 // 128, at least one

@@ -51,6 +51,7 @@ def build_model(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase) -> 
         kv_grid=grid,
         num_queries=conn.num_queries,
         key_pos_grid=conn.key_pos_grid,
+        num_heads=conn.num_heads,
     )
     model = MultimodalLM(
         vision,

@@ -26,10 +26,18 @@ def build_connector(
     kv_grid: tuple[int, int],
     num_queries: int = 64,
     key_pos_grid: Literal["kv_grid", "query_grid"] = "kv_grid",
+    num_heads: int | None = None,
 ) -> nn.Module:
     """Resampler (``num_queries`` tokens) or LLaVA MLP (one token per patch); both take (x, grid)."""
     if kind == "resampler":
-        return Resampler(num_queries, embed_dim, kv_dim, tuple(kv_grid), key_pos_grid=key_pos_grid)
+        return Resampler(
+            num_queries,
+            embed_dim,
+            kv_dim,
+            tuple(kv_grid),
+            num_heads=num_heads,
+            key_pos_grid=key_pos_grid,
+        )
     if kind == "mlp":
         return MLPProjector(kv_dim, embed_dim)
     raise ValueError(f"Unknown connector kind {kind!r}; expected 'resampler' or 'mlp'.")
