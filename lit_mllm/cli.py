@@ -63,6 +63,7 @@ class MLLMCLI(LightningCLI):
     def _check_run_settings(self, subcommand: str, config: Namespace) -> None:
         """``weights_only=True`` for every load; a ``--ckpt_path`` checked before Lightning
         reads it, and refused when the model settings given here differ from its own."""
+        refuse_fp16_on_cpu(config.get("trainer"))
         if "weights_only" in config:
             if config["weights_only"] is False:
                 raise UsageError(
@@ -97,6 +98,21 @@ class MLLMCLI(LightningCLI):
                 "Leave them out (the checkpoint's apply), or start a new run from its weights "
                 "with --model.init_from"
             )
+
+
+def refuse_fp16_on_cpu(trainer: Namespace | None) -> None:
+    """Lightning swaps ``16-mixed`` for ``bf16-mixed`` on a CPU with only a warning: a run that
+    asked for fp16 and a grad scaler would train in another precision without saying so."""
+    if trainer is None or str(trainer.get("precision")) not in ("16-mixed", "16"):
+        return
+    accelerator = trainer.get("accelerator")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu:
+        raise UsageError(
+            f"trainer.precision {trainer.get('precision')} (fp16 autocast + grad scaler) needs a "
+            "CUDA GPU; this run would train on the CPU, where Lightning replaces it with "
+            "bf16-mixed. Pass --trainer.precision bf16-mixed (or 32-true) for a CPU run"
+        )
 
 
 def main(args: list[str] | None = None) -> int:

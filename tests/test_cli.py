@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+import torch
 import yaml
 from test_ddp import micro_config
 
@@ -25,6 +26,7 @@ SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scrip
 def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    blocks = [block.replace("\\\n", " ") for block in blocks]  # a "\" continues the line
     lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line]
 
@@ -344,3 +346,17 @@ def test_a_checkpoint_turning_on_remote_code_is_refused_unless_given(
         cli_main(
             ["validate", "--ckpt_path", str(ckpt), "--model.decoder.trust_remote_code", "true"]
         )
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "auto"])
+def test_fp16_on_a_cpu_is_refused_not_swapped_for_bf16(accelerator: str, capsys) -> None:
+    """Lightning would train in bf16-mixed and only warn; the run is refused before it starts."""
+    from lit_mllm.cli import main
+
+    if accelerator == "auto" and torch.cuda.is_available():
+        pytest.skip("auto picks the GPU here")
+    args = ["fit", "--model.preset", "micro", "--trainer.precision", "16-mixed"]
+    assert main([*args, "--trainer.accelerator", accelerator]) == 2  # a usage error
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("lit-mllm: error: trainer.precision 16-mixed (fp16 autocast")
+    assert "--trainer.precision bf16-mixed" in error

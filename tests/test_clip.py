@@ -120,8 +120,11 @@ def test_linear_probe_of_the_shipped_encoder_beats_a_random_one(tmp_path: Path) 
     torch.manual_seed(0)
     random = probe_encoder(VisionEncoder(TINY_ENCODER.name, model_kwargs=kwargs), tmp_path)
     for fact, margin in PROBE_MARGINS.items():
+        assert shipped[fact] >= 0.97, (fact, shipped)
         assert shipped[fact] >= random[fact] + margin, (fact, shipped, random)
 
 
-# measured on this probe set (600 train / 300 test, seed 7): see benchmarks/RESULTS.md
-PROBE_MARGINS = {"kind": 0.3, "colour": 0.0, "size": 0.1, "cell": 0.0}
+# measured on this probe set (600 train / 300 test, seed 7), 2026-12-02: shipped 1.00 on all
+# four; random init (seeds 0-2) kind 0.31-0.33, colour 0.77-0.79, size 0.62-0.65, cell
+# 0.67-0.75. The margins are about two thirds of the measured gaps (benchmarks/RESULTS.md).
+PROBE_MARGINS = {"kind": 0.45, "colour": 0.15, "size": 0.25, "cell": 0.15}

@@ -297,3 +297,53 @@ def test_fsdp_clipping_goes_through_fsdps_clip_grad_norm() -> None:
     module.step_dropped = True
     module.configure_gradient_clipping(optimizer, 1.0, "norm")
     assert calls == [1.0]
+
+
+class _OverflowOnce(_SGDModule):
+    """The second micro-batch's loss is pushed past fp16's range: its scaled gradients overflow."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e30 if batch_idx == 1 else loss
+
+
+class _AfterEachStep(L.Callback):
+    def __init__(self) -> None:
+        self.weights: list[dict[str, torch.Tensor]] = []
+        self.scales: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights.append({n: t.cpu() for n, t in _trainable(pl_module).items()})
+        self.scales.append(float(trainer.precision_plugin.scaler.get_scale()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a grad scaler needs CUDA")
+def test_fp16_overflow_skips_the_step_and_training_goes_on() -> None:
+    """``16-mixed``: the grad scaler finds the overflow, skips that optimiser step (weights
+    unchanged), halves its scale, and the following steps train again with finite weights."""
+    module = _module(_OverflowOnce)
+    batch = _collate(module, _batch(module, CONVERSATIONS, seed=3))
+    start = _trainable(module)
+    record = _AfterEachStep()
+    trainer = L.Trainer(
+        accelerator="cuda",
+        devices=1,
+        precision="16-mixed",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    loader = torch.utils.data.DataLoader([batch] * 4, batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+    before = [start, *record.weights[:-1]]
+    changed = [
+        any(not torch.equal(old[n], new[n]) for n in old)
+        for old, new in zip(before, record.weights, strict=True)
+    ]
+    assert changed[1:] == [False, True, True]  # (step 0 may overflow too at the first scale)
+    assert record.scales[1] == record.scales[0] / 2
+    assert all(torch.isfinite(t).all() for t in record.weights[-1].values())

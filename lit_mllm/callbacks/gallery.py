@@ -66,7 +66,10 @@ def caption_figure(
     image_ids: Sequence[Any],
     columns: int = 4,
 ):
-    """A matplotlib grid: each image with its prediction (P) and first reference (R) below."""
+    """A matplotlib grid: each image with its prediction (P) and first reference (R) below.
+
+    The captions are axis labels, so the constrained layout makes room for them (text drawn outside
+    an axes would run into the next row's titles)."""
     import textwrap
 
     import matplotlib
@@ -77,23 +80,27 @@ def caption_figure(
     n = len(images)
     cols = max(1, min(columns, n))
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.9 * rows), squeeze=False)
-    for ax in axes.flat:
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 4.3 * rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[n:]:
         ax.axis("off")
     for i in range(n):
         ax = axes.flat[i]
         ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.spines[:].set_visible(False)
         ref = references[i][0] if i < len(references) and references[i] else ""
         pred = predictions[i] if i < len(predictions) else ""
         text = "\n".join(
             [
-                *textwrap.wrap(f"P: {pred}", 38, max_lines=2, placeholder=" ..."),
-                *textwrap.wrap(f"R: {ref}", 38, max_lines=2, placeholder=" ..."),
+                *textwrap.wrap(f"P: {pred}", 46, max_lines=3, placeholder=" ..."),
+                *textwrap.wrap(f"R: {ref}", 46, max_lines=3, placeholder=" ..."),
             ]
         )
         ax.set_title(f"id {image_ids[i]}" if i < len(image_ids) else "", fontsize=8)
-        ax.text(0.0, -0.04, text, transform=ax.transAxes, fontsize=7, va="top", ha="left")
-    fig.tight_layout()
+        ax.set_xlabel(text, fontsize=7, loc="left", multialignment="left")
     return fig
 
 
