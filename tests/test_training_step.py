@@ -56,16 +56,23 @@ def _collate(module: MLLMModule, items: list) -> dict:
     return MLLMCollator(module.tokenizer.pad_token_id)(items)
 
 
-def _fit(module: MLLMModule, batches: list[dict], accumulate: int, steps: int = 1, **kw) -> None:
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        precision="64-true",
-        accumulate_grad_batches=accumulate,
+def _quiet_trainer(**settings) -> L.Trainer:
+    """A Trainer that writes nothing: no logger, checkpoints, progress bar or summary."""
+    return L.Trainer(
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        **settings,
+    )
+
+
+def _fit(module: MLLMModule, batches: list[dict], accumulate: int, steps: int = 1, **kw) -> None:
+    trainer = _quiet_trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        precision="64-true",
+        accumulate_grad_batches=accumulate,
         **kw,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
@@ -231,17 +238,13 @@ def _gpu_step(batch: dict, fsdp: bool, clip: float | None) -> tuple[dict, float]
     module = _module()
     start = _trainable(module)
     record = _PreClipNorm()
-    trainer = L.Trainer(
+    trainer = _quiet_trainer(
         accelerator="cuda",
         devices=1,
         strategy=FSDPStrategy(sharding_strategy="FULL_SHARD") if fsdp else "auto",
         precision="32-true",
         gradient_clip_val=clip,
         max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[record],
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
@@ -326,15 +329,11 @@ def test_fp16_overflow_skips_the_step_and_training_goes_on() -> None:
     batch = _collate(module, _batch(module, CONVERSATIONS, seed=3))
     start = _trainable(module)
     record = _AfterEachStep()
-    trainer = L.Trainer(
+    trainer = _quiet_trainer(
         accelerator="cuda",
         devices=1,
         precision="16-mixed",
         max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[record],
     )
     loader = torch.utils.data.DataLoader([batch] * 4, batch_size=None)
