@@ -57,6 +57,16 @@ REAL_DECODERS = {
 }
 
 
+# Parameter counts of those decoders, worked out by hand from the configs above (independent of
+# this code): embeddings 151936 x 1536 (tied) + 28 layers x (q, k, v with biases, o, 3 MLP
+# matrices, 2 norms) + final norm = 1,543,714,304; the 7B: 2 x 152064 x 3584 (untied) + 28 x
+# 233,057,792 + 3584 = 7,615,616,512. Both are the counts the model cards round to 1.54B / 7.61B.
+PUBLISHED_DECODER_PARAMS = {
+    "Qwen/Qwen2.5-1.5B-Instruct": 1_543_714_304,
+    "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512,
+}
+
+
 class _ParseOnly(MLLMCLI):
     """The real CLI parser (same links and types) without building anything."""
 
@@ -102,11 +112,14 @@ def test_real_recipe_builds_on_meta_with_the_stated_parameter_count(path: Path) 
     kwargs["tokenizer"] = "tiny"  # smaller than every real vocabulary: no embedding resize
     kwargs["encoder"].update(pretrained=False, checkpoint_path=None)
     decoder = kwargs["decoder"]
-    decoder["config"] = REAL_DECODERS[decoder.pop("name_or_path")]
+    name = decoder.pop("name_or_path")
+    decoder["config"] = REAL_DECODERS[name]
     kwargs.pop("init_from", None)
     with torch.device("meta"):
         module = MLLMModule(**kwargs)
-    parts = {name: _count(part) for name, part in module.model.named_children()}
+    base = module.model.decoder.named_parameters()  # without LoRA adapters
+    assert sum(p.numel() for n, p in base if "lora_" not in n) == PUBLISHED_DECODER_PARAMS[name]
+    parts = {part_name: _count(part) for part_name, part in module.model.named_children()}
     total, trained = _count(module), _count(module, trainable=True)
     print(f"\n{path.name}: {parts} total={total:,} trained={trained:,}")
 
