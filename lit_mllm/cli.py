@@ -13,7 +13,6 @@ import os
 import sys
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -24,8 +23,9 @@ from lit_mllm.checkpoints.safe_load import (
     refuse_remote_code,
 )
 from lit_mllm.config import preset_defaults
+from lit_mllm.console import refuse_fp16_on_cpu, run_lightning_cli
 from lit_mllm.data.datamodule import MLLMDataModule
-from lit_mllm.errors import DEBUG_FLAG, DEBUG_HELP, UsageError, pop_debug_flag, run_reporting_errors
+from lit_mllm.errors import DEBUG_FLAG, DEBUG_HELP, UsageError, pop_debug_flag
 from lit_mllm.module import MLLMModule
 
 
@@ -100,21 +100,6 @@ class MLLMCLI(LightningCLI):
             )
 
 
-def refuse_fp16_on_cpu(trainer: Namespace | None) -> None:
-    """Lightning swaps ``16-mixed`` for ``bf16-mixed`` on a CPU with only a warning: a run that
-    asked for fp16 and a grad scaler would train in another precision without saying so."""
-    if trainer is None or str(trainer.get("precision")) not in ("16-mixed", "16"):
-        return
-    accelerator = trainer.get("accelerator")
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu:
-        raise UsageError(
-            f"trainer.precision {trainer.get('precision')} (fp16 autocast + grad scaler) needs a "
-            "CUDA GPU; this run would train on the CPU, where Lightning replaces it with "
-            "bf16-mixed. Pass --trainer.precision bf16-mixed (or 32-true) for a CPU run"
-        )
-
-
 def main(args: list[str] | None = None) -> int:
     argv = sys.argv[1:] if args is None else args
     _, debug = pop_debug_flag(argv)
@@ -128,12 +113,7 @@ def main(args: list[str] | None = None) -> int:
             args=args,
         )
 
-    try:
-        return run_reporting_errors("lit-mllm", run, debug=debug)
-    finally:
-        # a gloo/NCCL group left alive aborts the interpreter at exit ("terminate called ...")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return run_lightning_cli("lit-mllm", run, debug=debug)
 
 
 if __name__ == "__main__":

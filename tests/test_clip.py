@@ -128,3 +128,12 @@ def test_linear_probe_of_the_shipped_encoder_beats_a_random_one(tmp_path: Path) 
 # four; random init (seeds 0-2) kind 0.31-0.33, colour 0.77-0.79, size 0.62-0.65, cell
 # 0.67-0.75. The margins are about two thirds of the measured gaps (benchmarks/RESULTS.md).
 PROBE_MARGINS = {"kind": 0.45, "colour": 0.15, "size": 0.25, "cell": 0.15}
+
+
+def test_clip_cli_refuses_fp16_on_a_cpu(capsys) -> None:
+    """The same guard as `lit-mllm`: Lightning would pretrain in bf16-mixed and only warn."""
+    config = str(Path(__file__).parents[1] / "configs/clip/tiny_encoder.yaml")
+    args = ["fit", "--config", config, "--trainer.precision", "16-mixed"]
+    assert clip_main([*args, "--trainer.accelerator", "cpu"]) == 2  # a usage error
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("lit-mllm-clip: error: trainer.precision 16-mixed (fp16 autocast")

@@ -8,7 +8,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_mllm.clip.data import CaptionPairDataModule
 from lit_mllm.clip.module import ContrastivePretraining
-from lit_mllm.errors import DEBUG_FLAG, DEBUG_HELP, pop_debug_flag, run_reporting_errors
+from lit_mllm.console import refuse_fp16_on_cpu, run_lightning_cli
+from lit_mllm.errors import DEBUG_FLAG, DEBUG_HELP, pop_debug_flag
 
 
 class ClipCLI(LightningCLI):
@@ -21,6 +22,10 @@ class ClipCLI(LightningCLI):
         parser.link_arguments(
             "model.fact_loss_weight", "data.cell_labels", compute_fn=lambda weight: weight > 0
         )
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        refuse_fp16_on_cpu((self.config[subcommand] if subcommand else self.config).get("trainer"))
 
 
 def main(args: list[str] | None = None) -> int:
@@ -36,7 +41,7 @@ def main(args: list[str] | None = None) -> int:
             args=argv,
         )
 
-    return run_reporting_errors("lit-mllm-clip", run, debug=debug)
+    return run_lightning_cli("lit-mllm-clip", run, debug=debug)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""What both LightningCLI console scripts (`lit-mllm`, `lit-mllm-clip`) do around the parser:
+refuse a precision Lightning would silently replace, report user errors as one line, and leave
+no process group behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+
+from lit_mllm.errors import UsageError, run_reporting_errors
+
+
+def refuse_fp16_on_cpu(trainer: Namespace | None) -> None:
+    """Lightning swaps ``16-mixed`` for ``bf16-mixed`` on a CPU with only a warning: a run that
+    asked for fp16 and a grad scaler would train in another precision without saying so."""
+    if trainer is None or str(trainer.get("precision")) not in ("16-mixed", "16"):
+        return
+    accelerator = trainer.get("accelerator")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu:
+        raise UsageError(
+            f"trainer.precision {trainer.get('precision')} (fp16 autocast + grad scaler) needs a "
+            "CUDA GPU; this run would train on the CPU, where Lightning replaces it with "
+            "bf16-mixed. Pass --trainer.precision bf16-mixed (or 32-true) for a CPU run"
+        )
+
+
+def run_lightning_cli(prog: str, run: Callable[[], Any], *, debug: bool) -> int:
+    """``run`` builds the CLI; user errors print as ``prog: error: ...`` (see ``errors.py``)."""
+    try:
+        return run_reporting_errors(prog, run, debug=debug)
+    finally:
+        # a gloo/NCCL group left alive aborts the interpreter at exit ("terminate called ...")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
