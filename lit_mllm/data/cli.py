@@ -43,6 +43,18 @@ def _flag_fields() -> list[Field[Any]]:
     return [f for f in fields(SyntheticSettings) if f.metadata["flag"]]
 
 
+def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` with its ValueError message shown by argparse as it is."""
+
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return read
+
+
 def add_synth(subparsers: Subparsers) -> None:
     """One flag per field of ``SyntheticSettings`` (its default, help and older spellings)."""
     p = subparsers.add_parser(
@@ -61,6 +73,9 @@ def add_synth(subparsers: Subparsers) -> None:
             options["action"] = argparse.BooleanOptionalAction
         elif get_origin(kind) is Literal:
             options["choices"] = get_args(kind)
+        elif f.metadata["parse"] is not None:  # a type argparse cannot call (--canvas 216x72)
+            options["type"] = _flag_type(f.metadata["parse"])
+            options["metavar"] = f.metadata["metavar"]
         else:
             options["type"] = kind
         p.add_argument(*flags, **options)

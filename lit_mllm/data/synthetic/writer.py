@@ -19,8 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lit_mllm.data.synthetic.language import NUM_CAPTIONS, make_sample
-from lit_mllm.data.synthetic.scene import BACKGROUNDS, COLOURS, KINDS, SPLIT_CODES, draw_scene
+from lit_mllm.data.synthetic.language import NUM_CAPTIONS, make_captions, make_conversation
+from lit_mllm.data.synthetic.scene import (
+    BACKGROUNDS,
+    COLOURS,
+    KINDS,
+    SPLIT_CODES,
+    draw_scene,
+    image_rng,
+    sample_scene,
+)
 from lit_mllm.data.synthetic.settings import SYNTHETIC_VERSION, SyntheticSettings
 
 log = logging.getLogger(__name__)
@@ -39,9 +47,11 @@ class _Job:
 
 def _render_one(job: _Job) -> dict[str, Any]:
     s = job.settings
-    scene, captions, conv, rng = make_sample(
-        s.seed, job.split, job.index, s.image_size, s.max_shapes, s.jitter
-    )
+    # make_sample's steps, with the canvas: the same random numbers in the same order
+    rng = image_rng(s.seed, job.split, job.index)
+    scene = sample_scene(rng, s.image_size, s.max_shapes, s.jitter, canvas=s.canvas)
+    captions = make_captions(scene, rng)
+    conv = make_conversation(scene, captions, rng)
     img = draw_scene(scene, rng)
     file_name = f"{job.image_id:06d}.{s.image_format}"
     path = Path(s.dir) / "images" / job.split / file_name
@@ -121,7 +131,8 @@ def write_synthetic(settings: SyntheticSettings, workers: int | None = None) -> 
     by_id = {r["id"]: r for r in results}
 
     for split in splits:
-        _write_split(out, split, [by_id[j.image_id] for j in jobs[split]], settings.image_size)
+        recs = [by_id[j.image_id] for j in jobs[split]]
+        _write_split(out, split, recs, settings.canvas_size())
     _dump(out / MANIFEST, manifest(settings), indent=2)
     return {
         "out_dir": str(out),
@@ -183,15 +194,15 @@ def ensure_written(settings: SyntheticSettings) -> bool:
     return True
 
 
-def _write_split(out: Path, split: str, recs: list[dict[str, Any]], image_size: int) -> None:
+def _write_split(out: Path, split: str, recs: list[dict[str, Any]], size: tuple[int, int]) -> None:
     images, annotations, llava = [], [], []
     for r in recs:
         images.append(
             {
                 "id": r["id"],
                 "file_name": r["file_name"],
-                "width": image_size,
-                "height": image_size,
+                "width": size[0],
+                "height": size[1],
                 "scene": r["scene"],
             }
         )
