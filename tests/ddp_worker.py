@@ -190,6 +190,7 @@ def run(
         max_steps=len(batches) if batches is not None else STEPS,
         use_distributed_sampler=False,
         logger=False,
+        default_root_dir=out,  # the skip reports go there, not into the working directory
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
