@@ -19,7 +19,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from lit_mllm.config import DecodingConfig
 from lit_mllm.data.conversation import ConversationTokenizer
-from lit_mllm.models.mllm import MultimodalLM
+from lit_mllm.models.mllm import MultimodalLM, has_images
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +104,17 @@ def caption_batch(
 ) -> list[str]:
     """Captions for the batch's generation prompts (the first ``limit`` rows).
 
-    ``image_features``: the batch's images already encoded (``model.encode_images``)."""
+    ``image_features``: the batch's images already encoded (``model.image_features``)."""
     rows = slice(0, limit)
     pixel_values = batch.get("pixel_values")
-    if limit is not None:  # prompts hold one image block per image, in row order
-        prompt_patch = batch["prompt_ids"][rows] == model.image_token_ids.patch
-        num_images = int(prompt_patch.sum()) // model.num_image_tokens
-        if pixel_values is not None:
-            pixel_values = pixel_values[:num_images]
+    if limit is not None and limit < len(batch["prompt_ids"]):
+        # the kept rows' images are the first <im_patch> slots' features, in text order
+        if image_features is None and has_images(pixel_values):
+            image_features = model.image_features(pixel_values)
         if image_features is not None:
-            image_features = image_features[:num_images]
+            kept_slots = int((batch["prompt_ids"][rows] == model.image_token_ids.patch).sum())
+            image_features = image_features[:kept_slots]
+        pixel_values = None
     generated = model.generate(
         pixel_values,
         batch["prompt_ids"][rows],

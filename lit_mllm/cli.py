@@ -40,7 +40,12 @@ class MLLMCLI(LightningCLI):
         for name in ("tokenizer_name", "num_image_tokens", "image_data_config"):
             target = "tokenizer" if name == "tokenizer_name" else name
             parser.link_arguments(f"model.{name}", f"data.{target}", apply_on="instantiate")
+        parser.link_arguments(
+            "model.tokens_per_view", "data.tokens_per_view", apply_on="instantiate"
+        )
         parser.link_arguments("model.chat_template_kwargs", "data.chat_template_kwargs")
+        # how images are cut is set with the data and the model is told (it stores it)
+        parser.link_arguments("data.image_slicing", "model.image_slicing")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         self._parse(parser, args)

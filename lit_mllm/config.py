@@ -51,12 +51,14 @@ class ConnectorConfig:
     patch grid (``kv_grid``), or the query grid's table bicubically resized to the patch grid
     (``query_grid``, OmniLMM's ``get_abs_pos``: query and key positions then agree on where in
     the image they are). ``num_heads``: the resampler's cross-attention heads (default
-    ``embed_dim // 128``, MiniCPM-V's rule; small decoders may want more, narrower heads)."""
+    ``embed_dim // 128``, MiniCPM-V's rule; small decoders may want more, narrower heads).
+    ``merge``: the MLP's pixel shuffle, one token per ``merge x merge`` patches (1: per patch)."""
 
     kind: Literal["resampler", "mlp"] = "resampler"
     num_queries: int = 64
     key_pos_grid: Literal["kv_grid", "query_grid"] = "kv_grid"
     num_heads: int | None = None
+    merge: int = 1
 
 
 @dataclass

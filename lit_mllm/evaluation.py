@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from lit_mllm import captioning
+from lit_mllm.models.mllm import has_images
+from lit_mllm.models.views import ImageViews
 
 
 class CaptionEvaluation:
@@ -34,8 +36,8 @@ class CaptionEvaluation:
             return
         pixel_values = batch.get("pixel_values")
         features = None
-        if pixel_values is not None and len(pixel_values):
-            features = self.model.encode_images(pixel_values)
+        if has_images(pixel_values):
+            features = self.model.image_features(pixel_values)
         loss, count = self(batch, image_features=features)
         if int(count) > 0:
             self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=int(count), sync_dist=True)
@@ -54,9 +56,9 @@ class CaptionEvaluation:
                 [refs[i] for i in with_refs],
             )
         if batch_idx == 0:  # for the caption gallery: first images of the epoch
-            images = None if pixel_values is None else pixel_values[: len(captions)]
+            images = gallery_images(batch, len(captions))
             self.last_val_examples = {
-                "pixel_values": None if images is None else images.detach().float().cpu(),
+                "pixel_values": images,
                 "predictions": captions,
                 "references": [list(r) for r in refs],
                 "image_ids": list(ids),
@@ -130,3 +132,18 @@ class CaptionEvaluation:
         if self.predictions_path and self.trainer.is_global_zero:
             captioning.write_predictions(self.predictions_path, rows)
         self._predictions = []
+
+
+def gallery_images(batch: dict[str, Any], count: int) -> Tensor | list[Tensor] | None:
+    """The first ``count`` samples' images for the caption gallery, on the CPU: a tensor, or a
+    list of thumbnails (sliced images) cut at the first sample without an image."""
+    pixels = batch.get("pixel_values")
+    if isinstance(pixels, ImageViews):
+        views = pixels.in_text_order(pixels.groups)
+        thumbnails = []
+        for index in (batch.get("first_views") or [])[:count]:
+            if index is None:
+                break
+            thumbnails.append(views[index].detach().float().cpu())
+        return thumbnails
+    return None if pixels is None else pixels[:count].detach().float().cpu()

@@ -10,7 +10,9 @@ caption metrics (``metrics/``), dropped-sample reports (``skips.py``), checkpoin
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +38,7 @@ from lit_mllm.config import (
     resolve_model_settings,
     section,
 )
+from lit_mllm.data.slicing import ImageSlicing
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.evaluation import CaptionEvaluation
 from lit_mllm.gradients import LOSS_SUM_SCALE, TokenMeanWindow, clip_gradients, zero_loss
@@ -74,9 +77,13 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
         init_from: str | None = None,
         init_from_strict: bool = True,
         compile_blocks: Literal["auto", "on", "off"] = "auto",
+        image_slicing: ImageSlicing | None = None,
     ) -> None:
+        """``image_slicing``: the model reads images as a thumbnail + slices (the CLI links it
+        from ``data.image_slicing``, so it is set there); it is stored with the weights."""
         super().__init__()
         self.settings = resolve_model_settings(preset, tokenizer, encoder, connector, decoder)
+        self.image_slicing: ImageSlicing | None = section(ImageSlicing, image_slicing)
         self.optim_cfg: OptimConfig = section(OptimConfig, optim) or OptimConfig()
         self.generation_cfg: DecodingConfig = (
             section(DecodingConfig, generation) or DecodingConfig()
@@ -90,6 +97,7 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
                 **self.settings.as_dict(),
                 "save_frozen": save_frozen,
                 "chat_template_kwargs": chat_template_kwargs,
+                "image_slicing": None if self.image_slicing is None else asdict(self.image_slicing),
             }
         )
         if metrics is not None:  # a typo must not wait for the first validation
@@ -101,7 +109,7 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
                 raise ValueError(f"model.metrics: {error}") from None
         self.metric_names = metrics
         self.tokenizer = load_tokenizer(self.settings.tokenizer)
-        self.model = build_model(self.settings, self.tokenizer)
+        self.model = build_model(self.settings, self.tokenizer, self.image_slicing)
         self.end_token_ids = captioning.end_token_ids(
             self.tokenizer,
             self.model.language_model().generation_config.eos_token_id,
@@ -155,6 +163,12 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
     def image_data_config(self) -> dict[str, Any]:
         return self.model.image_data_config
 
+    @property
+    def tokens_per_view(self) -> int | None:
+        """Tokens of one view of a sliced image: the resampler's queries; None for the MLP,
+        one token per ``image_slicing.patch_size`` cell."""
+        return self.connector_cfg.num_queries if self.connector_cfg.kind == "resampler" else None
+
     def data_settings(self) -> dict[str, Any]:
         """What the DataModule must agree on with this model (LightningCLI links the same
         values): ``MLLMDataModule(**module.data_settings(), ...)``."""
@@ -163,7 +177,25 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
             "num_image_tokens": self.num_image_tokens,
             "image_data_config": self.image_data_config,
             "chat_template_kwargs": self.chat_template_kwargs,
+            "image_slicing": copy.deepcopy(self.image_slicing),
+            "tokens_per_view": self.tokens_per_view,
         }
+
+    def check_data_agrees(self, data: Any) -> None:
+        """A DataModule built apart from this model (Python, or a checkpoint validated with
+        other data settings) must write images the way the model reads them."""
+        if data is None or not hasattr(data, "image_slicing"):
+            return
+        if data.image_slicing != self.image_slicing:
+            raise ValueError(
+                f"data.image_slicing {data.image_slicing} differs from the model's "
+                f"{self.image_slicing} (what it was built or trained with): pass the same"
+            )
+        if self.image_slicing is not None and data.tokens_per_view != self.tokens_per_view:
+            raise ValueError(
+                f"data.tokens_per_view {data.tokens_per_view} differs from the model's "
+                f"{self.tokens_per_view}: build the DataModule with **module.data_settings()"
+            )
 
     # -- checkpoints ------------------------------------------------------------------------------
     def load_trainable_weights(self, path: str) -> None:
@@ -211,6 +243,7 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
         still runs in bf16 under the ``bf16-mixed`` precision)."""
         from lit_mllm.metrics.caption import check_caption_metrics
 
+        self.check_data_agrees(getattr(self.trainer, "datamodule", None))
         validates = stage in ("validate", "test") or (
             stage == "fit" and bool(self.trainer.limit_val_batches)
         )

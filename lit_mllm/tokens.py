@@ -16,6 +16,11 @@ IM_START = "<im_start>"
 IM_PATCH = "<im_patch>"
 IM_END = "<im_end>"
 IMAGE_SPECIAL_TOKENS = (IM_START, IM_PATCH, IM_END)
+# the slices of a sliced image (data.image_slicing), MiniCPM-V 2.5's layout; added only to the
+# tokenizers of sliced runs, so an unsliced model keeps its vocabulary (and its checkpoints)
+SLICE_START = "<slice_start>"
+SLICE_END = "<slice_end>"
+SLICE_SPECIAL_TOKENS = (SLICE_START, SLICE_END)
 IGNORE_INDEX = -100
 
 
@@ -24,15 +29,24 @@ class ImageTokenIds:
     start: int
     patch: int
     end: int
+    slice_start: int | None = None  # only with slicing
+    slice_end: int | None = None
+
+    @property
+    def group_ends(self) -> tuple[int, ...]:
+        """Ids that close a part of an image group (the thumbnail or a slice)."""
+        return (self.end,) if self.slice_end is None else (self.end, self.slice_end)
 
 
-def add_image_tokens(tokenizer: PreTrainedTokenizerBase) -> ImageTokenIds:
+def add_image_tokens(tokenizer: PreTrainedTokenizerBase, *, slices: bool = False) -> ImageTokenIds:
     """Register the image tokens as special tokens (idempotent) and return their ids.
 
-    Special tokens are never split or merged by BPE, so each is exactly one id.
+    Special tokens are never split or merged by BPE, so each is exactly one id. ``slices`` adds
+    the slice tokens after the image tokens (so model and data give them the same ids).
     A pad token is set to eos when the tokenizer has none (GPT-2, Mistral).
     """
-    missing = [t for t in IMAGE_SPECIAL_TOKENS if t not in tokenizer.added_tokens_encoder]
+    wanted = IMAGE_SPECIAL_TOKENS + (SLICE_SPECIAL_TOKENS if slices else ())
+    missing = [t for t in wanted if t not in tokenizer.added_tokens_encoder]
     if missing:
         extra = {"replace_extra_special_tokens": False} if _has_replace_flag(tokenizer) else {}
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, **extra)
@@ -42,8 +56,7 @@ def add_image_tokens(tokenizer: PreTrainedTokenizerBase) -> ImageTokenIds:
                 f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token"
             )
         tokenizer.pad_token = tokenizer.eos_token
-    ids = ImageTokenIds(*(tokenizer.convert_tokens_to_ids(t) for t in IMAGE_SPECIAL_TOKENS))
-    return ids
+    return ImageTokenIds(*(tokenizer.convert_tokens_to_ids(t) for t in wanted))
 
 
 def _has_replace_flag(tokenizer: PreTrainedTokenizerBase) -> bool:

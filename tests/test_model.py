@@ -261,7 +261,7 @@ def test_validation_encodes_each_batch_of_images_once() -> None:
         module._evaluate(batch, 0, "test")
     handle.remove()
     assert len(calls) == 1
-    features = module.model.encode_images(batch["pixel_values"])
+    features = module.model.image_features(batch["pixel_values"])
     assert module.caption(batch, limit=2) == module.caption(batch, 2, image_features=features)
 
 

@@ -143,7 +143,12 @@ class CaptionGallery(Callback):
             writer.add_text("val/captions", table, global_step=step)
         pixels = examples.get("pixel_values")
         if pixels is not None and len(pixels):
-            images = denormalize(pixels[:n], getattr(pl_module, "image_data_config", None))
+            config = getattr(pl_module, "image_data_config", None)
+            images = (  # sliced images: thumbnails of different sizes
+                [denormalize(p[None], config)[0] for p in pixels[:n]]
+                if isinstance(pixels, list)
+                else denormalize(pixels[:n], config)
+            )
             fig = caption_figure(images, predictions, references, image_ids, self.columns)
             writer.add_figure("val/caption_gallery", fig, global_step=step, close=True)
         writer.flush()

@@ -145,6 +145,12 @@ def _projector_state(connector: nn.Module) -> dict[str, Tensor]:
             f"LLaVA export needs the MLP connector, this model uses {type(connector).__name__} "
             "(no LLaVA equivalent); use --format native"
         )
+    if getattr(connector, "merge", 1) != 1:
+        raise ValueError(
+            f"LLaVA export needs one token per patch; this MLP merges {connector.merge}x"
+            f"{connector.merge} patches (connector.merge), which LLaVA's projector cannot; use "
+            "--format native"
+        )
     return {
         "linear_1.weight": fc1.weight,
         "linear_1.bias": fc1.bias,
@@ -175,6 +181,12 @@ def to_llava(
         LlavaProcessor,
     )
 
+    if model.image_token_ids.slice_start is not None:
+        raise ValueError(
+            "LLaVA export: this model reads sliced images (data.image_slicing: a thumbnail + "
+            "slices with <slice_start>/<slice_end> tokens), a layout LlavaForConditionalGeneration "
+            "does not have; use --format native, which stores the slicing settings"
+        )
     projector_state = _projector_state(model.connector)
     vision_config, vision_state = clip_vision(model.encoder.model)
     layer = _hf_feature_layer(model.encoder.feature_layer)

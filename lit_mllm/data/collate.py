@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lit_mllm.models.views import group_views
 from lit_mllm.tokens import IGNORE_INDEX
 
 
@@ -36,8 +37,19 @@ class MLLMCollator:
         batch: dict[str, Any] = {"skipped": dict(skipped), "batch_size": len(items)}
         if not items:
             return batch
-        pixel_values = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
-        batch["pixel_values"] = torch.cat(pixel_values) if pixel_values else None
+        if any("pixel_views" in item for item in items):  # sliced images: views grouped by size
+            views, first_views = [], []
+            for item in items:
+                item_views = item.get("pixel_views") or []
+                first_views.append(len(views) if item_views else None)
+                views.extend(item_views)
+            batch["pixel_values"] = group_views(views) if views else None
+            batch["first_views"] = first_views
+        else:
+            pixel_values = [
+                item["pixel_values"] for item in items if item["pixel_values"] is not None
+            ]
+            batch["pixel_values"] = torch.cat(pixel_values) if pixel_values else None
         sequences = [(item["input_ids"], item["labels"]) for item in items]
         batch.update(
             pack(sequences, self.pad_token_id)

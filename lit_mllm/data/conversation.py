@@ -60,14 +60,17 @@ class ConversationTokenizer:
         system_prompt: str | None = None,
         chat_template: str | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        slices: bool = False,
     ) -> None:
+        """``slices``: sliced images are written (``data.image_slicing``), so the slice tokens
+        are added to the tokenizer (:func:`lit_mllm.tokens.add_image_tokens`)."""
         if not tokenizer.is_fast:
             raise ValueError(
                 f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer; label masking "
                 "needs character offsets (install `tokenizers` and load with use_fast=True)"
             )
         self.tokenizer = tokenizer
-        self.image_ids = add_image_tokens(tokenizer)
+        self.image_ids = add_image_tokens(tokenizer, slices=slices)
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.system_prompt = system_prompt
@@ -153,8 +156,10 @@ class ConversationTokenizer:
         num_images: int,
         sample_id: str,
         drop_last_reply: bool = False,
+        image_blocks: Sequence[str] | None = None,
     ) -> list[dict[str, str]]:
-        """Normalised, checked messages with the image blocks expanded."""
+        """Normalised, checked messages with the image blocks expanded (``image_blocks``: each
+        image's own text, for sliced images; else every image is ``num_image_tokens`` slots)."""
         messages = normalize_conversation(
             conversation, sample_id=sample_id, system_prompt=self.system_prompt
         )
@@ -165,13 +170,18 @@ class ConversationTokenizer:
             num_images=num_images,
             num_image_tokens=self.num_image_tokens,
             sample_id=sample_id,
+            blocks=image_blocks,
         )
 
     def _encode(
-        self, conversation: Sequence[Mapping[str, Any]], num_images: int, sample_id: str
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        num_images: int,
+        sample_id: str,
+        image_blocks: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
         """Untruncated ids, labels and the token span of each supervised reply."""
-        messages = self._messages(conversation, num_images, sample_id)
+        messages = self._messages(conversation, num_images, sample_id, image_blocks=image_blocks)
         messages, text = self._render_checked(messages, sample_id)
         spans = self._content_spans(messages, text)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -206,11 +216,19 @@ class ConversationTokenizer:
             reply_spans.append((first, last))
         return input_ids, labels, reply_spans
 
-    def min_length(self, conversation: Sequence[Mapping[str, Any]], *, num_images: int = 1) -> int:
+    def min_length(
+        self,
+        conversation: Sequence[Mapping[str, Any]],
+        *,
+        num_images: int = 1,
+        image_blocks: Sequence[str] | None = None,
+    ) -> int:
         """Tokens a ``max_length`` must allow for this conversation to keep one supervised token:
         everything before its first reply (system prompt, template, image blocks, question) + 1.
         """
-        _, labels, _ = self._encode(conversation, num_images, "min_length probe")
+        if image_blocks is not None:
+            num_images = len(image_blocks)
+        _, labels, _ = self._encode(conversation, num_images, "min_length probe", image_blocks)
         supervised = torch.nonzero(labels != IGNORE_INDEX).flatten()
         if len(supervised) == 0:
             raise ConversationError("min_length probe: the conversation has no reply")
@@ -222,8 +240,15 @@ class ConversationTokenizer:
         *,
         num_images: int = 1,
         sample_id: str = "?",
+        image_blocks: Sequence[str] | None = None,
     ) -> TokenizedConversation:
-        input_ids, labels, reply_spans = self._encode(conversation, num_images, sample_id)
+        """``image_blocks``: the text of each image (:func:`lit_mllm.data.turns.image_group`)
+        when images differ in size; ``num_images`` is then their number."""
+        if image_blocks is not None:
+            num_images = len(image_blocks)
+        input_ids, labels, reply_spans = self._encode(
+            conversation, num_images, sample_id, image_blocks
+        )
         full_length = len(input_ids)
         supervised = torch.nonzero(labels != IGNORE_INDEX).flatten()
         truncated = False
@@ -243,7 +268,8 @@ class ConversationTokenizer:
                     f"every supervised token lies beyond max_length {self.max_length}: the sample "
                     f"is {full_length} tokens and its first reply starts at token "
                     f"{int(supervised[0])}, so max_length must be at least "
-                    f"{int(supervised[0]) + 1} to keep any of it"
+                    f"{int(supervised[0]) + 1} to keep any of it (image blocks are never cut: "
+                    "one that does not fit is left out whole)"
                 )
             raise NoSupervisedTokensError(
                 f"sample {sample_id}: no supervised token: {detail}", "no_supervised_tokens"
@@ -251,14 +277,22 @@ class ConversationTokenizer:
         return result
 
     def _safe_cut(self, input_ids: torch.Tensor, max_length: int) -> int:
-        """Largest cut <= max_length that does not split an image block."""
-        head = input_ids[:max_length]
-        opened = int((head == self.image_ids.start).sum())
-        closed = int((head == self.image_ids.end).sum())
-        if opened == closed:
-            return max_length
-        last_start = int(torch.nonzero(head == self.image_ids.start).flatten()[-1])
-        return last_start
+        """Largest cut <= max_length that keeps every image group whole.
+
+        A group runs from an image's ``<im_start>`` to the last ``<im_end>``/``<slice_end>``
+        before the next image: a thumbnail and its slices are kept or left out together.
+        """
+        starts = torch.nonzero(input_ids == self.image_ids.start).flatten().tolist()
+        closes = torch.isin(input_ids, torch.tensor(self.image_ids.group_ends))
+        for index, start in enumerate(starts):
+            if start >= max_length:
+                break
+            stop = starts[index + 1] if index + 1 < len(starts) else len(input_ids)
+            group_closes = torch.nonzero(closes[start:stop]).flatten()
+            last = start + int(group_closes[-1]) if len(group_closes) else stop - 1
+            if max_length <= last:  # the cut falls inside this group
+                return start
+        return max_length
 
     def generation_prompt(
         self,
@@ -266,12 +300,17 @@ class ConversationTokenizer:
         *,
         num_images: int = 1,
         sample_id: str = "?",
+        image_blocks: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Token ids of the conversation so far + the assistant header, for ``generate``.
 
         A trailing assistant turn (e.g. the reference caption) is dropped.
         """
-        messages = self._messages(conversation, num_images, sample_id, drop_last_reply=True)
+        if image_blocks is not None:
+            num_images = len(image_blocks)
+        messages = self._messages(
+            conversation, num_images, sample_id, drop_last_reply=True, image_blocks=image_blocks
+        )
         _, text = self._render_checked(messages, sample_id, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)

@@ -20,10 +20,12 @@ from lit_mllm.data.options import OnBadSample, check_int
 from lit_mllm.data.readers import DEFAULT_CAPTION_PROMPT, load_source
 from lit_mllm.data.records import SampleStore, caption_conversation
 from lit_mllm.data.sampler import ResumableSampler
+from lit_mllm.data.slicing import ImageSlicing, SlicedImageTransform
 from lit_mllm.data.synthetic.settings import SyntheticSettings
 from lit_mllm.data.synthetic.writer import ensure_written
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, build_image_transform
+from lit_mllm.data.turns import image_block
 from lit_mllm.tokens import IMAGE_PLACEHOLDER
 
 Stage = Literal["train", "val", "test", "predict"]
@@ -93,10 +95,18 @@ class MLLMDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        image_slicing: ImageSlicing | None = None,
+        tokens_per_view: int | None = None,
     ) -> None:
         """``max_image_pixels``: images whose header claims more pixels are refused before
         decoding (reason ``image_too_large``). The default is PIL's own limit (~89 MP); PIL still
         refuses anything over twice its process-wide limit, which is never changed here.
+
+        ``image_slicing``: read each image at its own resolution as a thumbnail + slices
+        (MiniCPM-V; :mod:`lit_mllm.data.slicing`), or null for one view at the encoder's input
+        size. The model is told (the CLI links it to ``model.image_slicing``). With slicing,
+        ``tokens_per_view`` (from the model: the resampler's query count, null for one token per
+        ``image_slicing.patch_size`` cell) sizes every view's text block.
         """
         super().__init__()
         check_int("data.batch_size", batch_size, 1)
@@ -106,6 +116,9 @@ class MLLMDataModule(L.LightningDataModule):
         check_int("data.val_limit", val_limit, 1, optional=True)
         check_int("data.num_image_tokens", num_image_tokens, 1, optional=True)
         check_int("data.max_image_pixels", max_image_pixels, 1)
+        check_int("data.tokens_per_view", tokens_per_view, 1, optional=True)
+        if image_slicing is not None:
+            image_slicing.check("data.image_slicing.")
         check_int("data.seed", seed, None)
         if crop_pct is not None and not (isinstance(crop_pct, (int, float)) and crop_pct > 0):
             raise ValueError(f"data.crop_pct must be > 0 (or null), got {crop_pct!r}")
@@ -144,6 +157,8 @@ class MLLMDataModule(L.LightningDataModule):
         self.seed = seed
         self.cache_dir = cache_dir
         self.max_image_pixels = max_image_pixels
+        self.image_slicing = image_slicing
+        self.tokens_per_view = tokens_per_view
         self.datasets: dict[Stage, MLLMDataset] = {}
         # records left out while reading each stage's file, by reason: a val report must not
         # show the train file's faults
@@ -179,6 +194,7 @@ class MLLMDataModule(L.LightningDataModule):
             max_length=self.max_length,
             system_prompt=self.system_prompt,
             chat_template_kwargs=self.chat_template_kwargs,
+            slices=self.image_slicing is not None,
         )
 
     def load_samples(self, stage: Stage) -> SampleStore | None:
@@ -222,9 +238,13 @@ class MLLMDataModule(L.LightningDataModule):
             num_images = 1
             probe = caption_conversation(self.caption_prompt, "x")
             what = f"a caption sample (prompt {self.caption_prompt!r})"
-        need = tokenize.min_length(probe, num_images=num_images)
+        # the smallest image block: sliced images are at least one view
+        per_image = tokenize.num_image_tokens
+        if self.image_slicing is not None:
+            per_image = self.tokens_per_view or 1
+        need = tokenize.min_length(probe, image_blocks=[image_block(per_image)] * num_images)
         if self.max_length < need:
-            blocks = num_images * (tokenize.num_image_tokens + 2)
+            blocks = num_images * (per_image + 2)
             raise ValueError(
                 f"data.max_length {self.max_length} is too small for the {split} data "
                 f"({source.file}): {what} needs at least {need} tokens ({blocks} for the image "
@@ -255,6 +275,9 @@ class MLLMDataModule(L.LightningDataModule):
             transform = build_image_transform(
                 data_config, train=split == "train", augment=self.augment, crop_pct=self.crop_pct
             )
+            slicer = None
+            if self.image_slicing is not None:
+                slicer = SlicedImageTransform(data_config, self.image_slicing)
             self.datasets[split] = MLLMDataset(
                 samples,
                 tokenize,
@@ -262,6 +285,8 @@ class MLLMDataModule(L.LightningDataModule):
                 with_prompts=split != "train",
                 on_bad_sample=self.on_bad_sample,
                 max_image_pixels=self.max_image_pixels,
+                slicer=slicer,
+                tokens_per_view=self.tokens_per_view,
             )
         if tokenize is not None:
             self.pad_token_id = tokenize.tokenizer.pad_token_id

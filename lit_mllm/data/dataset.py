@@ -11,8 +11,9 @@ from torch.utils.data import Dataset
 from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.options import OnBadSample
 from lit_mllm.data.records import SampleStore
+from lit_mllm.data.slicing import SlicedImageTransform, SlicePlan
 from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb_image
-from lit_mllm.data.turns import ConversationError
+from lit_mllm.data.turns import ConversationError, image_group
 
 
 class MLLMDataset(Dataset):
@@ -24,6 +25,11 @@ class MLLMDataset(Dataset):
     sample, including a sample whose replies were all truncated away (``no_supervised_tokens``):
     silently training on less data than configured is a fault too.
     Images over ``max_image_pixels`` are refused from their header, before decoding.
+
+    With a ``slicer`` (``data.image_slicing``) each image becomes a thumbnail and slices
+    (``pixel_views``), and its text block is written from the same plan: a view takes
+    ``tokens_per_view`` slots (a resampler), or one per ``patch_size`` x ``patch_size`` cell of
+    the view when that is None (an MLP projector), so text and features agree by construction.
     """
 
     def __init__(
@@ -35,7 +41,11 @@ class MLLMDataset(Dataset):
         with_prompts: bool = False,
         on_bad_sample: OnBadSample = "error",
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        slicer: SlicedImageTransform | None = None,
+        tokens_per_view: int | None = None,
     ) -> None:
+        self.slicer = slicer
+        self.tokens_per_view = tokens_per_view
         self.samples = samples
         self.tokenize = tokenize
         self.transform = transform
@@ -48,14 +58,29 @@ class MLLMDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
+        blocks = views = None
         try:
-            tokenized = self.tokenize(
-                sample.conversation, num_images=len(sample.image_paths), sample_id=sample.sample_id
-            )
-            images = [
-                self.transform(load_rgb_image(p, max_pixels=self.max_image_pixels))
-                for p in sample.image_paths
-            ]
+            if self.slicer is None:
+                tokenized = self.tokenize(
+                    sample.conversation,
+                    num_images=len(sample.image_paths),
+                    sample_id=sample.sample_id,
+                )
+                images = [
+                    self.transform(load_rgb_image(p, max_pixels=self.max_image_pixels))
+                    for p in sample.image_paths
+                ]
+            else:
+                sliced = [
+                    self.slicer(load_rgb_image(p, max_pixels=self.max_image_pixels))
+                    for p in sample.image_paths
+                ]
+                blocks = [image_group(self.view_tokens(plan), plan.grid) for plan, _ in sliced]
+                views = [image_views for _, image_views in sliced]
+                tokenized = self.tokenize(
+                    sample.conversation, sample_id=sample.sample_id, image_blocks=blocks
+                )
+                images = []
         except ConversationError as error:
             if self.on_bad_sample == "skip":
                 return {"skipped": error.reason, "sample_id": sample.sample_id}
@@ -85,8 +110,22 @@ class MLLMDataset(Dataset):
             "image_id": sample.image_id,
             "references": list(sample.references),
         }
+        if views is not None and blocks is not None:
+            kept = tokenized.num_images
+            item["pixel_views"] = [view for image in views[:kept] for view in image]
+            blocks = blocks[:kept]
         if self.with_prompts:
             item["prompt_ids"] = self.tokenize.generation_prompt(
-                sample.conversation, num_images=len(images), sample_id=sample.sample_id
+                sample.conversation,
+                num_images=len(images),
+                sample_id=sample.sample_id,
+                image_blocks=blocks,
             )
         return item
+
+    def view_tokens(self, plan: SlicePlan) -> list[int]:
+        """``<im_patch>`` slots of each view of a plan, thumbnail first."""
+        if self.tokens_per_view is not None:
+            return [self.tokens_per_view] * len(plan.view_sizes)
+        unit = self.slicer.slicing.patch_size  # type: ignore[union-attr]
+        return [(width // unit) * (height // unit) for width, height in plan.view_sizes]

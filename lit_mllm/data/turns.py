@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lit_mllm.tokens import IM_END, IM_PATCH, IM_START, IMAGE_PLACEHOLDER
+from lit_mllm.tokens import IM_END, IM_PATCH, IM_START, IMAGE_PLACEHOLDER, SLICE_END, SLICE_START
 
 ROLE_ALIASES = {
     "human": "user",
@@ -95,10 +95,41 @@ def image_block(num_image_tokens: int) -> str:
     return IM_START + IM_PATCH * num_image_tokens + IM_END
 
 
+def image_group(view_tokens: Sequence[int], grid: tuple[int, int] | None) -> str:
+    """One sliced image as text (MiniCPM-V 2.5's layout): the thumbnail as an image block, then
+    each slice as ``<slice_start>`` + patch slots + ``<slice_end>``, a newline after each row.
+
+    ``view_tokens``: tokens of each view, thumbnail first, slices row-major; ``grid``: the
+    slices' (columns, rows), or None for an image that was not sliced.
+    """
+    text = image_block(view_tokens[0])
+    if grid is None:
+        return text
+    columns, rows = grid
+    if len(view_tokens) != 1 + columns * rows:
+        raise ValueError(f"{len(view_tokens)} views for a thumbnail + {columns}x{rows} slices")
+    for row in range(rows):
+        for column in range(columns):
+            text += SLICE_START + IM_PATCH * view_tokens[1 + row * columns + column] + SLICE_END
+        text += "\n"
+    return text
+
+
 def expand_image_placeholders(
-    messages: list[dict[str, str]], *, num_images: int, num_image_tokens: int, sample_id: str
+    messages: list[dict[str, str]],
+    *,
+    num_images: int,
+    num_image_tokens: int,
+    sample_id: str,
+    blocks: Sequence[str] | None = None,
 ) -> list[dict[str, str]]:
-    """Replace each ``<image>`` with its token block; add one before the first user text if none."""
+    """Replace each ``<image>`` with its token block; add one before the first user text if none.
+
+    ``blocks``: the text of each image in order (sliced images differ in size); without it every
+    image is one block of ``num_image_tokens`` patch slots.
+    """
+    if blocks is not None and len(blocks) != num_images:
+        raise ValueError(f"{len(blocks)} image blocks for {num_images} images")
     count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     for index, message in enumerate(messages):
         if message["role"] != "user" and IMAGE_PLACEHOLDER in message["content"]:
@@ -116,8 +147,10 @@ def expand_image_placeholders(
             f"sample {sample_id}: {count} {IMAGE_PLACEHOLDER} marker(s) but {num_images} image(s)",
             "image_count_mismatch",
         )
-    block = image_block(num_image_tokens)
-    return [
-        {"role": m["role"], "content": m["content"].replace(IMAGE_PLACEHOLDER, block)}
-        for m in messages
-    ]
+    texts = iter(blocks if blocks is not None else [image_block(num_image_tokens)] * num_images)
+    expanded = []
+    for message in messages:
+        parts = message["content"].split(IMAGE_PLACEHOLDER)
+        content = parts[0] + "".join(next(texts) + part for part in parts[1:])
+        expanded.append({"role": message["role"], "content": content})
+    return expanded

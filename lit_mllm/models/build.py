@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_mllm.config import DecoderConfig, ModelSettings
+from lit_mllm.data.slicing import ImageSlicing
 from lit_mllm.models.connector import build_connector, num_image_tokens
 from lit_mllm.models.decoder import build_decoder, resize_embeddings_for
 from lit_mllm.models.mllm import MultimodalLM
@@ -20,8 +21,14 @@ from lit_mllm.tokens import add_image_tokens
 __all__ = ["build_model", "check_vocabulary"]
 
 
-def build_model(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase) -> MultimodalLM:
-    """The multimodal model for ``settings``; ``tokenizer`` must be the one named there."""
+def build_model(
+    settings: ModelSettings,
+    tokenizer: PreTrainedTokenizerBase,
+    image_slicing: ImageSlicing | None = None,
+) -> MultimodalLM:
+    """The multimodal model for ``settings``; ``tokenizer`` must be the one named there.
+    ``image_slicing``: the model reads sliced images (their slice tokens join the vocabulary)."""
+    image_token_ids = add_image_tokens(tokenizer, slices=image_slicing is not None)
     enc = settings.encoder
     vision = VisionEncoder(
         enc.name,
@@ -44,6 +51,13 @@ def build_model(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase) -> 
     resize_embeddings_for(decoder, len(tokenizer))
     grid = vision.default_grid
     conn = settings.connector
+    if conn.merge < 1 or (conn.kind == "mlp" and (grid[0] % conn.merge or grid[1] % conn.merge)):
+        raise ValueError(
+            f"model.connector.merge {conn.merge} must be >= 1 and divide the encoder's patch grid "
+            f"{grid}"
+        )
+    if image_slicing is not None:
+        check_slicing_fits(image_slicing, vision, conn.kind, conn.merge)
     connector = build_connector(
         conn.kind,
         kv_dim=vision.embed_dim,
@@ -52,16 +66,42 @@ def build_model(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase) -> 
         num_queries=conn.num_queries,
         key_pos_grid=conn.key_pos_grid,
         num_heads=conn.num_heads,
+        merge=conn.merge,
     )
     model = MultimodalLM(
         vision,
         connector,
         decoder,
-        add_image_tokens(tokenizer),
-        num_image_tokens(conn.kind, grid, conn.num_queries),
+        image_token_ids,
+        num_image_tokens(conn.kind, grid, conn.num_queries, conn.merge),
     )
     model.decoder = apply_training_mode(model.decoder, dec)
     return model
+
+
+def check_slicing_fits(
+    slicing: ImageSlicing, vision: VisionEncoder, connector_kind: str, merge: int
+) -> None:
+    """Views are cut in multiples of ``image_slicing.patch_size``: whole encoder patches (no
+    padding inside the encoder), and for the MLP exactly one token per such cell, which is what
+    the DataModule counts."""
+    patch = vision.patch_size
+    if patch is None:
+        raise ValueError(
+            f"data.image_slicing needs an encoder with a patch embedding; {vision.model_name!r} "
+            "has none"
+        )
+    unit = slicing.patch_size
+    if connector_kind == "mlp" and unit != patch * merge:
+        raise ValueError(
+            f"data.image_slicing.patch_size {unit} must equal the encoder patch {patch} x "
+            f"model.connector.merge {merge} = {patch * merge} with the MLP connector (one token "
+            "per such cell)"
+        )
+    if unit % patch:
+        raise ValueError(
+            f"data.image_slicing.patch_size {unit} must be a multiple of the encoder patch {patch}"
+        )
 
 
 def check_vocabulary(

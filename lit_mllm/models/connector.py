@@ -27,8 +27,10 @@ def build_connector(
     num_queries: int = 64,
     key_pos_grid: Literal["kv_grid", "query_grid"] = "kv_grid",
     num_heads: int | None = None,
+    merge: int = 1,
 ) -> nn.Module:
-    """Resampler (``num_queries`` tokens) or LLaVA MLP (one token per patch); both take (x, grid)."""
+    """Resampler (``num_queries`` tokens) or LLaVA MLP (one token per ``merge x merge`` patches);
+    both take (x, grid), and views of several sizes through ``forward_groups``."""
     if kind == "resampler":
         return Resampler(
             num_queries,
@@ -39,14 +41,17 @@ def build_connector(
             key_pos_grid=key_pos_grid,
         )
     if kind == "mlp":
-        return MLPProjector(kv_dim, embed_dim)
+        return MLPProjector(kv_dim, embed_dim, merge=merge)
     raise ValueError(f"Unknown connector kind {kind!r}; expected 'resampler' or 'mlp'.")
 
 
-def num_image_tokens(kind: ConnectorKind, kv_grid: tuple[int, int], num_queries: int = 64) -> int:
-    """Tokens one image occupies in the text: ``num_queries`` or gh * gw of the default grid."""
+def num_image_tokens(
+    kind: ConnectorKind, kv_grid: tuple[int, int], num_queries: int = 64, merge: int = 1
+) -> int:
+    """Tokens one image occupies in the text: ``num_queries``, or (gh / merge) * (gw / merge)
+    of the default grid."""
     if kind == "resampler":
         return num_queries
     if kind == "mlp":
-        return int(kv_grid[0]) * int(kv_grid[1])
+        return (int(kv_grid[0]) // merge) * (int(kv_grid[1]) // merge)
     raise ValueError(f"Unknown connector kind {kind!r}; expected 'resampler' or 'mlp'.")

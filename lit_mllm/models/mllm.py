@@ -10,12 +10,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedModel
 
+from lit_mllm.models.views import ImageViews
 from lit_mllm.models.vision import VisionEncoder
 from lit_mllm.tokens import IGNORE_INDEX, ImageTokenIds
 
 
 class ImageTokenMismatchError(ValueError):
     pass
+
+
+def has_images(pixel_values: Tensor | ImageViews | None) -> bool:
+    if isinstance(pixel_values, ImageViews):
+        return pixel_values.num_views > 0
+    return pixel_values is not None and len(pixel_values) > 0
 
 
 def ranks_must_match() -> bool:
@@ -87,32 +94,51 @@ class MultimodalLM(nn.Module):
             "pixel_values": torch.zeros((1, channels, height, width), device=device),
         }
 
+    def _connector_dtype(self, device: torch.device) -> torch.dtype:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.decoder.get_input_embeddings().weight.dtype
+
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, tokens, D_lm) in the decoder's embedding dtype."""
         features, grid = self.encoder(pixel_values)
-        dtype = self.decoder.get_input_embeddings().weight.dtype
-        if torch.is_autocast_enabled(features.device.type):
-            dtype = torch.get_autocast_dtype(features.device.type)
-        return self.connector(features.to(dtype), grid)
+        return self.connector(features.to(self._connector_dtype(features.device)), grid)
+
+    def encode_views(self, views: ImageViews) -> list[Tensor]:
+        """Sliced images: each size group at its own patch grid, then the connector over all
+        groups at once. One (tokens, D_lm) tensor per view, in text order."""
+        features, grids = [], []
+        for pixels in views.groups:
+            group, grid = self.encoder(pixels)
+            features.append(group.to(self._connector_dtype(group.device)))
+            grids.append(grid)
+        return views.in_text_order(self.connector.forward_groups(features, grids))
+
+    def image_features(self, pixel_values: Tensor | ImageViews) -> Tensor:
+        """The features of every ``<im_patch>`` slot of a batch, in text order: (slots, D_lm).
+        ``pixel_values``: images of one size (N, 3, H, W), or the views of sliced images."""
+        if isinstance(pixel_values, ImageViews):
+            return torch.cat(self.encode_views(pixel_values))
+        return self.encode_images(pixel_values).flatten(0, 1)
 
     def embed(
         self,
         input_ids: Tensor,
-        pixel_values: Tensor | None,
+        pixel_values: Tensor | ImageViews | None,
         sample_ids: list | None = None,
         image_features: Tensor | None = None,
     ) -> Tensor:
         """Token embeddings with image features written at the ``<im_patch>`` positions.
 
-        ``image_features`` (from ``encode_images``) replace ``pixel_values`` when one batch's
-        images serve several passes (validation: loss, then captions).
+        ``image_features`` (from ``image_features``: (slots, D)) replace ``pixel_values`` when
+        one batch's images serve several passes (validation: loss, then captions).
         """
         embeds = self.decoder.get_input_embeddings()(input_ids)
         is_patch = input_ids == self.image_token_ids.patch
         num_slots = int(is_patch.sum())
         features = image_features
-        if features is None and pixel_values is not None and len(pixel_values):
-            features = self.encode_images(pixel_values)
+        if features is None and has_images(pixel_values):
+            features = self.image_features(pixel_values)
         if features is None or len(features) == 0:
             if num_slots:
                 raise ImageTokenMismatchError(
@@ -122,14 +148,14 @@ class MultimodalLM(nn.Module):
             if ranks_must_match():  # text-only here, images on another rank
                 return embeds + self.placeholder_image_anchor(embeds)
             return embeds
-        if num_slots != features.shape[0] * features.shape[1]:
+        if num_slots != features.shape[0]:
             per_row = is_patch.sum(dim=1).tolist()
             raise ImageTokenMismatchError(
-                f"the batch has {num_slots} <im_patch> tokens (per row {per_row}) but "
-                f"{features.shape[0]} images x {features.shape[1]} tokens = "
-                f"{features.shape[0] * features.shape[1]} image features"
+                f"the batch has {num_slots} <im_patch> tokens (per row {per_row}) but its images "
+                f"give {features.shape[0]} image features"
                 + (f"; samples {sample_ids}" if sample_ids else "")
-                + ". Check that the DataModule's num_image_tokens equals the model's."
+                + ". Check that the DataModule's num_image_tokens (and image_slicing, "
+                "tokens_per_view) equal the model's."
             )
         return embeds.masked_scatter(is_patch.unsqueeze(-1), features.to(embeds.dtype))
 
@@ -163,7 +189,7 @@ class MultimodalLM(nn.Module):
         self,
         input_ids: Tensor,
         labels: Tensor,
-        pixel_values: Tensor | None = None,
+        pixel_values: Tensor | ImageViews | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         sample_ids: list | None = None,
@@ -213,7 +239,7 @@ class MultimodalLM(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: Tensor | None,
+        pixel_values: Tensor | ImageViews | None,
         prompt_ids: Tensor,
         prompt_attention_mask: Tensor,
         *,

@@ -14,6 +14,7 @@ it against the textbook sequence-first ``nn.MultiheadAttention`` formulation.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -197,10 +198,39 @@ class Resampler(nn.Module):
                 f"Resampler expects (B, {grid[0]}*{grid[1]}, {self.kv_dim}) for grid {grid}, "
                 f"got {tuple(x.shape)}"
             )
+        mask = None if key_padding_mask is None else ~key_padding_mask.to(torch.bool)
+        return self._attend(x, self.key_pos_embed(grid), mask)
+
+    def _attend(self, x: Tensor, key_pos: Tensor, mask: Tensor | None) -> Tensor:
+        """The queries' cross-attention to patches ``x`` whose keys carry ``key_pos``
+        ((P, E), or (B, P, E) when rows differ); ``mask`` (B, P) True = attend."""
         kv = self.ln_kv(self.kv_proj(x))
-        keys = kv + self.key_pos_embed(grid).to(kv.dtype)
+        keys = kv + key_pos.to(kv.dtype)
         queries = self.ln_q(self.query)
         queries = queries + self.query_pos.to(queries.dtype)
-        mask = None if key_padding_mask is None else ~key_padding_mask.to(torch.bool)
         out = self.attn(queries, keys, kv, mask)
         return self.ln_post(out) @ self.proj
+
+    def forward_groups(
+        self, features: Sequence[Tensor], grids: Sequence[tuple[int, int]]
+    ) -> list[Tensor]:
+        """Views of several sizes in one attention call: group g is (n_g, gh*gw, kv_dim) on
+        ``grids[g]``. Rows are padded to the longest, each row's keys carry the sin-cos
+        positions of its own grid, and padded keys are masked, so a view gives what it gives
+        alone. Returns one (n_g, num_queries, embed_dim) tensor per group."""
+        if len(features) == 1:
+            return [self(features[0], grids[0])]
+        longest = max(x.shape[1] for x in features)
+        rows, positions, masks = [], [], []
+        for x, grid in zip(features, grids, strict=True):
+            count, patches = x.shape[0], x.shape[1]
+            if patches != grid[0] * grid[1]:
+                raise ValueError(f"{patches} patch tokens do not form the grid {tuple(grid)}")
+            pad = longest - patches
+            rows.append(F.pad(x, (0, 0, 0, pad)))
+            table = F.pad(self.key_pos_embed(grid), (0, 0, 0, pad))
+            positions.append(table.unsqueeze(0).expand(count, -1, -1))
+            mask = torch.arange(longest, device=x.device) < patches
+            masks.append(mask.unsqueeze(0).expand(count, -1))
+        out = self._attend(torch.cat(rows), torch.cat(positions), torch.cat(masks))
+        return list(out.split([x.shape[0] for x in features]))

@@ -166,6 +166,15 @@ class VisionEncoder(nn.Module):
         return int(getattr(self.model, "num_prefix_tokens", 0))
 
     @property
+    def patch_size(self) -> int | None:
+        """Side of a (square) patch in pixels, or None without a patch embedding."""
+        size = getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
+        if size is None:
+            return None
+        height, width = (size, size) if isinstance(size, int) else size
+        return int(height) if height == width else None
+
+    @property
     def data_config(self) -> dict[str, Any]:
         return image_data_config(self.model)
 
