@@ -194,6 +194,7 @@ def test_max_length_below_one_sample_fails_in_setup_naming_both_numbers(
         ({"num_image_tokens": 0}, "data.num_image_tokens must be an integer >= 1 (or null), got 0"),
         ({"max_image_pixels": 0}, "data.max_image_pixels must be an integer >= 1, got 0"),
         ({"crop_pct": 0.0}, "data.crop_pct must be > 0 (or null), got 0.0"),
+        ({"crop_mode": "crop"}, "data.crop_mode must be one of ('center', 'squash', 'border')"),
         ({"on_bad_sample": "ignore"}, "data.on_bad_sample must be 'error' or 'skip', got 'ignore'"),
         (
             {"synthetic": SyntheticData(num_train=-1)},

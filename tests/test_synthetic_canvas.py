@@ -322,3 +322,22 @@ def test_no_canvas_writes_what_was_written_before(tmp_path: Path) -> None:
         assert refs == captions and conv["conversations"] == conversation
         with Image.open(tmp_path / "images" / "train" / img["file_name"]) as im:
             assert im.size == (32, 32)
+
+
+@pytest.mark.parametrize(("crop_mode", "left_third_red"), [(None, False), ("squash", True)])
+def test_crop_mode_squash_keeps_the_ends_of_a_wide_canvas(
+    crop_mode: str | None, left_third_red: bool
+) -> None:
+    """timm's default (center) crop of a 216x72 strip keeps only its middle 72x72 cell column;
+    ``data.crop_mode: squash`` keeps all of it: the fair one-view baseline for slicing."""
+    from lit_mllm.data.transforms import build_image_transform
+
+    config = {"input_size": (3, 72, 72), "interpolation": "bilinear", "crop_pct": 1.0,
+              "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # fmt: skip
+    image = Image.new("RGB", (216, 72), (255, 255, 255))
+    ImageDraw.Draw(image).rectangle((0, 0, 71, 71), fill=(255, 0, 0))
+    pixels = build_image_transform(config, crop_mode=crop_mode)(image)
+    assert pixels.shape == (3, 72, 72)
+    red = (pixels[1] < 0.5) & (pixels[0] > 0.5)  # green gone, red kept
+    assert bool(red[:, :20].all()) is left_third_red
+    assert not bool(red[:, 28:].any())

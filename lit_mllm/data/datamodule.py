@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.dataset import MLLMDataset
-from lit_mllm.data.options import OnBadSample, check_int
+from lit_mllm.data.options import CropMode, OnBadSample, check_int
 from lit_mllm.data.readers import DEFAULT_CAPTION_PROMPT, load_source
 from lit_mllm.data.records import SampleStore, caption_conversation
 from lit_mllm.data.sampler import ResumableSampler
@@ -84,6 +84,7 @@ class MLLMDataModule(L.LightningDataModule):
         num_image_tokens: int | None = None,
         image_data_config: dict[str, Any] | None = None,
         crop_pct: float | None = 1.0,
+        crop_mode: CropMode | None = None,
         augment: bool = False,
         max_length: int = 512,
         packing: bool = False,
@@ -101,6 +102,11 @@ class MLLMDataModule(L.LightningDataModule):
         """``max_image_pixels``: images whose header claims more pixels are refused before
         decoding (reason ``image_too_large``). The default is PIL's own limit (~89 MP); PIL still
         refuses anything over twice its process-wide limit, which is never changed here.
+
+        ``crop_mode``: how a non-square image meets the encoder's square input (timm's
+        ``center``, ``squash`` or ``border``; null: the encoder's data config, usually
+        ``center``, which cuts off the ends of a wide image). Views of sliced images are
+        resized to their planned sizes and never cropped.
 
         ``image_slicing``: read each image at its own resolution as a thumbnail + slices
         (MiniCPM-V; :mod:`lit_mllm.data.slicing`), or null for one view at the encoder's input
@@ -122,6 +128,10 @@ class MLLMDataModule(L.LightningDataModule):
         check_int("data.seed", seed, None)
         if crop_pct is not None and not (isinstance(crop_pct, (int, float)) and crop_pct > 0):
             raise ValueError(f"data.crop_pct must be > 0 (or null), got {crop_pct!r}")
+        if crop_mode not in (None, *get_args(CropMode)):
+            raise ValueError(
+                f"data.crop_mode must be one of {get_args(CropMode)} or null, got {crop_mode!r}"
+            )
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         if synthetic is None and train is None and val is None and test is None and predict is None:
@@ -146,6 +156,7 @@ class MLLMDataModule(L.LightningDataModule):
         self.num_image_tokens = num_image_tokens
         self.image_data_config = image_data_config
         self.crop_pct = crop_pct
+        self.crop_mode = crop_mode
         self.augment = augment
         self.max_length = max_length
         self.packing = packing
@@ -273,7 +284,11 @@ class MLLMDataModule(L.LightningDataModule):
             tokenize = tokenize or self._conversation_tokenizer()
             self._check_max_length(split, samples, tokenize)
             transform = build_image_transform(
-                data_config, train=split == "train", augment=self.augment, crop_pct=self.crop_pct
+                data_config,
+                train=split == "train",
+                augment=self.augment,
+                crop_pct=self.crop_pct,
+                crop_mode=self.crop_mode,
             )
             slicer = None
             if self.image_slicing is not None:

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 # "error": raise, naming the file and the sample; "skip": leave it out and count it by reason.
 OnBadSample = Literal["error", "skip"]
+# timm's eval crop modes: how a non-square image meets the encoder's square input
+CropMode = Literal["center", "squash", "border"]
 
 
 def check_int(

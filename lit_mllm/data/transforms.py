@@ -92,13 +92,18 @@ def build_image_transform(
     train: bool = False,
     augment: bool = False,
     crop_pct: float | None = None,
+    crop_mode: str | None = None,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """timm's own transform for the encoder (size, interpolation, mean/std).
 
     Augmentation is off by default: random crops and flips change facts that captions state
-    ("left of", "top"), so turn it on only for data where that is harmless.
+    ("left of", "top"), so turn it on only for data where that is harmless. ``crop_mode`` is
+    timm's: ``center`` (resize the short side, crop the middle: a wide image loses its ends),
+    ``squash`` (resize to the input size, aspect not kept: nothing lost) or ``border``.
     """
     config = dict(data_config)
     if crop_pct is not None:
         config["crop_pct"] = crop_pct
+    if crop_mode is not None:
+        config["crop_mode"] = crop_mode
     return create_transform(**config, is_training=train and augment)
