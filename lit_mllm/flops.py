@@ -64,13 +64,18 @@ class FlopsSpec:
 def step_flops(
     spec: FlopsSpec,
     *,
-    num_images: int,
-    patches_per_image: int,
+    num_images: int = 0,
+    patches_per_image: int = 0,
+    view_patches: Sequence[int] = (),
     sample_lengths: Sequence[int],
     supervised_tokens: int,
     convention: Convention = "6N",
 ) -> float:
     """Model FLOPs of one forward+backward pass over one micro-batch.
+
+    Images of one size are ``num_images`` x ``patches_per_image``; the views of sliced images
+    (thumbnails and slices, each at its own patch grid) add one entry per view to
+    ``view_patches``. The encoder and connector terms below are summed over all of them.
 
     With ``n`` images of ``P`` patches (``T = P + prefix`` encoder tokens), decoder samples of
     lengths ``S_i`` (image tokens included, padding excluded; packed rows count each sample
@@ -94,14 +99,14 @@ def step_flops(
     """
     if convention not in ("6N", "executed"):
         raise ValueError(f"convention must be '6N' or 'executed', got {convention!r}")
-    n, p = int(num_images), int(patches_per_image)
-    t = p + spec.encoder_prefix_tokens
-    encoder = n * (
-        2 * spec.encoder_params * t + 4 * spec.encoder_layers * spec.encoder_width * t * t
-    )
-    connector = n * (
-        6 * spec.connector_params * p + 12 * spec.connector_queries * p * spec.connector_width
-    )
+    patches = [int(patches_per_image)] * int(num_images) + [int(p) for p in view_patches]
+    encoder = connector = 0
+    for p in patches:
+        t = p + spec.encoder_prefix_tokens
+        encoder += 2 * spec.encoder_params * t + 4 * spec.encoder_layers * spec.encoder_width * t**2
+        connector += (
+            6 * spec.connector_params * p + 12 * spec.connector_queries * p * spec.connector_width
+        )
     tokens = sum(int(s) for s in sample_lengths)
     tokens_sq = sum(int(s) ** 2 for s in sample_lengths)
     body, head = spec.decoder_body_params, spec.decoder_head_params

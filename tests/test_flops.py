@@ -48,6 +48,19 @@ def test_step_flops_by_hand():
         step_flops(SPEC, **kwargs, supervised_tokens=2, convention="8N")
 
 
+def test_views_of_several_sizes_are_charged_each_at_its_own_grid():
+    """Sliced images: one term per view, T = P + prefix per view (4 and 9 patches here)."""
+    text = {"sample_lengths": [3], "supervised_tokens": 0}
+    decoder = step_flops(SPEC, **text)
+    # encoder 2*10*5 + 4*1*2*25 = 300 and 2*10*10 + 4*1*2*100 = 1000
+    # connector 6*3*4 + 12*2*4*4 = 456 and 6*3*9 + 12*2*9*4 = 1026
+    views = step_flops(SPEC, view_patches=[4, 9], **text)
+    assert views - decoder == 300 + 1000 + 456 + 1026
+    same = step_flops(SPEC, num_images=2, patches_per_image=4, **text)
+    assert step_flops(SPEC, view_patches=[4, 4], **text) == same
+    assert step_flops(SPEC, num_images=1, patches_per_image=4, view_patches=[4], **text) == same
+
+
 def test_packing_counts_attention_per_sample():
     """One packed row of 3+4 tokens costs what two padded rows cost, not a 7-token sequence."""
     packed = step_flops(

@@ -303,3 +303,49 @@ def test_native_export_stores_slicing_and_llava_export_refuses_it(tmp_path: Path
             num_image_tokens=module.num_image_tokens,
             image_data_config=module.image_data_config,
         )
+
+
+def test_throughput_monitor_counts_the_flops_of_every_view() -> None:
+    """MFU of sliced batches: the encoder and connector terms are charged per view, at each
+    view's own patch grid, exactly what ``step_flops`` gives for that list of patch counts."""
+    from types import SimpleNamespace
+
+    from lit_mllm.callbacks import ThroughputMonitor
+    from lit_mllm.flops import sample_lengths, spec_from_model, step_flops, supervised_token_count
+
+    module = sliced_module("resampler")
+    items = sliced_items(module, [(96, 32), (32, 32)])  # thumbnail + 3 slices; one view
+    batch = MLLMCollator(module.tokenizer.pad_token_id, packing=True)(items)
+    assert isinstance(batch["pixel_values"], ImageViews) and batch["pixel_values"].num_views == 5
+    patches = sorted(
+        (h // 8) * (w // 8)
+        for i in items
+        for _, h, w in map(tuple, (v.shape for v in i["pixel_views"]))
+    )  # noqa: E501
+    spec = spec_from_model(module.model)
+    expected = step_flops(
+        spec,
+        view_patches=patches,
+        sample_lengths=sample_lengths(batch),
+        supervised_tokens=int(supervised_token_count(batch["labels"])),
+    )
+    one_size = step_flops(
+        spec,
+        num_images=5,
+        patches_per_image=16,
+        sample_lengths=sample_lengths(batch),
+        supervised_tokens=int(supervised_token_count(batch["labels"])),
+    )
+    assert patches != [16] * 5 and expected != one_size  # the views really differ in size
+
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **_: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
+    trainer = SimpleNamespace(global_step=0, world_size=1, precision="32-true")
+    monitor = ThroughputMonitor(window=1, peak_flops=1e12)
+    monitor.on_fit_start(trainer, module)
+    monitor.on_train_batch_start(trainer, module, batch, 0)
+    trainer.global_step = 1
+    monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    seconds = logged["perf/step_time_s"]
+    tflops = logged["perf/model_tflops_per_device"]
+    assert tflops * 1e12 * seconds == pytest.approx(expected, rel=1e-6)

@@ -22,6 +22,7 @@ from lit_mllm.flops import (
     step_flops,
     supervised_token_count,
 )
+from lit_mllm.models.views import ImageViews
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -163,12 +164,19 @@ class ThroughputMonitor(Callback):
         )
         if self.spec is not None:
             pixels = batch.get("pixel_values")
-            num_images = 0 if pixels is None else int(pixels.shape[0])
-            patches = self._patches(pl_module, pixels) if num_images else 0
+            if isinstance(pixels, ImageViews):  # sliced images: each view at its own grid
+                view_patches = [
+                    self._patches(pl_module, group)
+                    for group in pixels.groups
+                    for _ in range(group.shape[0])
+                ]
+            elif pixels is not None and pixels.shape[0]:
+                view_patches = [self._patches(pl_module, pixels)] * int(pixels.shape[0])
+            else:
+                view_patches = []
             counts.flops = step_flops(
                 self.spec,
-                num_images=num_images,
-                patches_per_image=patches,
+                view_patches=view_patches,
                 sample_lengths=lengths,
                 supervised_tokens=supervised,
                 convention=self.convention,
