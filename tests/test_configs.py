@@ -222,3 +222,36 @@ def test_fsdp_keeps_a_bf16_encoder_in_float32() -> None:
     module.setup("fit")
     assert module.model.encoder.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+def test_sliced_recipe_reaches_the_model_and_gives_64_tokens_per_view() -> None:
+    """The CLIP-L/336 + resampler + slicing recipe: ``data.image_slicing`` is linked into the
+    model, it fits the encoder's patch, and on the meta device a 640x480 image (thumbnail + 2x2
+    slices) gives 5 x 64 feature rows, as many as its text block has patch slots."""
+    from lit_mllm.data.slicing import ImageSlicing, plan_slices
+    from lit_mllm.data.turns import image_group
+    from lit_mllm.models.views import group_views
+    from lit_mllm.tokens import IM_PATCH
+
+    path = CONFIGS / "clip_l336_qwen2.5_1.5b_sliced.yaml"
+    config = parse("--config", str(path))
+    slicing = ImageSlicing(**config.data.image_slicing.init_args.as_dict())
+    assert slicing == ImageSlicing(max_slices=9, scale_resolution=336, patch_size=14)
+    kwargs = config.model.as_dict()
+    linked = kwargs["image_slicing"]  # the CLI link
+    assert ImageSlicing(**linked.get("init_args", linked)) == slicing
+    kwargs.update(tokenizer="tiny", init_from=None)
+    kwargs["encoder"].update(pretrained=False, checkpoint_path=None)
+    kwargs["decoder"]["config"] = REAL_DECODERS[kwargs["decoder"].pop("name_or_path")]
+    with torch.device("meta"):
+        module = MLLMModule(**kwargs)
+        plan = plan_slices(640, 480, slicing)
+        assert plan.grid == (2, 2) and len(plan.view_sizes) == 5
+        views = [torch.empty(3, h, w) for w, h in plan.view_sizes]
+        features = module.model.image_features(group_views(views))
+    assert module.image_slicing == slicing and module.tokens_per_view == 64
+    text = image_group([module.tokens_per_view] * len(views), plan.grid)
+    assert tuple(features.shape) == (text.count(IM_PATCH), 1536) == (5 * 64, 1536)
+    largest = image_group([64] * 10, (3, 3))  # a thumbnail + 3x3 slices
+    length = len(module.tokenizer(largest, add_special_tokens=False)["input_ids"])
+    assert length == 640 + 2 + 9 * 2 + 3 <= config.data.max_length - 64  # room for the caption

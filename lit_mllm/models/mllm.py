@@ -95,7 +95,8 @@ class MultimodalLM(nn.Module):
         }
 
     def _connector_dtype(self, device: torch.device) -> torch.dtype:
-        if torch.is_autocast_enabled(device.type):
+        # meta (shape-only runs) has no autocast state to ask about
+        if device.type != "meta" and torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
         return self.decoder.get_input_embeddings().weight.dtype
 
