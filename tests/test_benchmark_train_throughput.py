@@ -18,12 +18,15 @@ from benchmarks.train_throughput.lit import LitTrainee
 from benchmarks.train_throughput.notes import build_notes
 from benchmarks.train_throughput.rows import sweep
 from benchmarks.train_throughput.run import sizes_for
-from benchmarks.train_throughput.sizes import REAL, ROWS, TINY
+from benchmarks.train_throughput.sizes import ALL_ROWS, REAL, ROWS, TINY
+from benchmarks.train_throughput.sliced import SlicedLitTrainee
 from benchmarks.train_throughput.stream import Sample, SampleStream, batch_stats, render
 from benchmarks.train_throughput.trainee import Trainee
 from lit_mllm.data.collate import pack
+from lit_mllm.data.slicing import plan_slices
 from lit_mllm.flops import FlopsSpec
 from lit_mllm.models.attention import VARLEN_ATTENTION
+from lit_mllm.models.views import group_views
 from lit_mllm.tokens import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +52,24 @@ TRAIN_COLUMNS = [
 ]
 GEN_COLUMNS = ["row", "decoder", "batch", "new tokens", "captions/s", "vs baseline", "status"]
 LOADER_COLUMNS = ["workers", "batch", "image px", "samples/s", "best lit train samples/s", "ratio"]
+SLICED_COLUMNS = [
+    "row",
+    "decoder",
+    "micro-batch",
+    "attention",
+    "compile",
+    "step (ms)",
+    "samples/s",
+    "real tok/s",
+    "MFU %",
+    "padding %",
+    "views/image",
+    "image tok/sample",
+    "encoder calls/step",
+    "TFLOP/step",
+    "peak mem (GiB)",
+    "status",
+]
 
 
 def _tables(text: str) -> dict[str, list[list[str]]]:
@@ -222,9 +243,18 @@ def test_out_of_memory_is_recorded_and_the_sweep_stops_there() -> None:
 
 
 def test_batch_size_option_for_all_rows_or_per_row() -> None:
-    assert parse_batch_sizes("4,8", tiny=False) == {r: [4, 8] for r in ROWS}
-    per_row = parse_batch_sizes("baseline=2;resampler=64,128", tiny=False)
-    assert per_row == {"baseline": [2], "mlp": [8, 16, 32, 64], "resampler": [64, 128]}
+    assert parse_batch_sizes("4,8", tiny=False) == {r: [4, 8] for r in ALL_ROWS}
+    per_row = parse_batch_sizes("baseline=2;resampler=64,128;resampler-sliced=16", tiny=False)
+    assert per_row == {
+        "baseline": [2],
+        "mlp": [8, 16, 32, 64],
+        "resampler": [64, 128],
+        "resampler-sliced": [16],
+        "resampler-sliced-padded": [8, 16, 32, 64],
+    }
+    assert resolve_args([]).rows == list(ROWS)  # the sliced rows only when asked for
+    with pytest.raises(ValueError, match="unknown row 'sliced'"):
+        resolve_args(["--rows", "resampler,sliced"])
     with pytest.raises(ValueError, match="unknown row 'llava'"):
         parse_batch_sizes("llava=2", tiny=False)
 
@@ -275,3 +305,194 @@ def test_notes_name_the_real_encoder_also_with_other_text_lengths() -> None:
     assert "lognormal(median 34, sigma 0.8) clipped to [20, 71] tokens" in notes
     tiny_notes = "\n".join(build_notes(resolve_args(["--tiny"]), TINY, torch.device("cpu")))
     assert "a micro CLIP ({'image_size': 32," in tiny_notes
+
+
+# -- sliced images ---------------------------------------------------------------------------
+
+
+def _view_flops(spec: FlopsSpec, patches: int) -> int:
+    """Encoder forward + resampler fwd/bwd of one view of ``patches`` patches (the README)."""
+    t = patches + spec.encoder_prefix_tokens
+    encoder = 2 * spec.encoder_params * t + 4 * spec.encoder_layers * spec.encoder_width * t * t
+    connector = 6 * spec.connector_params * patches
+    return encoder + connector + 12 * spec.connector_queries * patches * spec.connector_width
+
+
+def _decoder_flops(spec: FlopsSpec, lengths: list[int], supervised: int) -> int:
+    body = 6 * spec.decoder_body_params * sum(lengths)
+    attention = 12 * spec.decoder_layers * spec.decoder_attn_dim * sum(n * n for n in lengths)
+    return body + attention + 6 * spec.decoder_head_params * supervised
+
+
+def test_tiny_sliced_rows_report_packed_vs_padded(tmp_path: Path) -> None:
+    """The sliced rows end to end on CPU: their table, the two ratios, the views histogram."""
+    out = tmp_path / "sliced.md"
+    rows = "resampler,resampler-sliced,resampler-sliced-padded"
+    argv = ["--tiny", "--decoders", "0.5b", "--rows", rows, "--out", str(out)]
+    text = main([*argv, "--gen-batches", "0", "--loader-batches", "0", "--batch-sizes", "4"])
+    tables = _tables(text)
+    train = tables["Training throughput (best micro-batch per row)"]
+    labels = [r[0] for r in train[1:]]
+    assert labels == [f"lit-mllm {r}" for r in rows.split(",")]
+    assert [r[TRAIN_COLUMNS.index("image tok")] for r in train[1:]] == ["4", "4/view", "4/view"]
+
+    sliced = tables["Sliced images (thumbnail + slices per image, packed vs padded)"]
+    assert sliced[0] == SLICED_COLUMNS
+    table = {r[0]: dict(zip(sliced[0], r, strict=True)) for r in sliced[1:]}
+    assert list(table) == labels
+    plain, packed, padded = table.values()
+    for row in (plain, packed, padded):
+        assert row["status"] == "ok" and row["micro-batch"] == "4"
+        for column in ("real tok/s", "MFU %", "views/image", "image tok/sample"):
+            assert math.isfinite(_number(row[column])) and _number(row[column]) > 0
+    assert _number(plain["views/image"]) == 1 and _number(plain["image tok/sample"]) == 4
+    assert _number(plain["encoder calls/step"]) == 1  # one image size: one encoder call
+    assert 1 < _number(packed["encoder calls/step"]) <= 4 * TINY.max_views
+    # the same samples in both sliced rows: same views, more of them than one per image
+    assert packed["views/image"] == padded["views/image"]
+    assert 1 < _number(packed["views/image"]) <= TINY.max_views
+    assert _number(packed["image tok/sample"]) == pytest.approx(
+        4 * _number(packed["views/image"]), abs=0.1
+    )
+    assert _number(packed["padding %"]) == 0 < _number(padded["padding %"])
+    assert "- 0.5b: packed / padded = " in text and "real tok/s = **" in text
+    assert "- 0.5b: MFU sliced packed / unsliced resampler = " in text
+    assert "- 0.5b resampler-sliced: views per image over its 8 timed images" in text
+    assert "Sliced rows: the resampler row's model with image_slicing(max_slices=9" in text
+
+    raw = json.loads(out.with_suffix(".json").read_text())
+    by_row = {r["row"]: r for r in raw["rows"]}
+    assert by_row["resampler"]["views"] == by_row["resampler"]["images"] == 8
+    hist = by_row["resampler-sliced"]["view_hist"]
+    assert sum(hist.values()) == 8 and by_row["resampler-sliced"]["views"] == sum(
+        int(views) * count for views, count in hist.items()
+    )
+    assert by_row["resampler-sliced"]["image_slots"] == 4 * by_row["resampler-sliced"]["views"]
+    # the same samples, so the same model FLOPs: padding is not counted
+    assert by_row["resampler-sliced"]["flops"] == by_row["resampler-sliced-padded"]["flops"]
+    assert by_row["resampler-sliced"]["flops"] > by_row["resampler"]["flops"] > 0
+
+
+def test_sliced_batches_have_one_feature_row_per_image_token_packed_or_padded() -> None:
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    packed_trainee = SlicedLitTrainee(TINY, "0.5b", cpu, padded=False)
+    stream = SampleStream(TINY, 0, (16, 1000))
+    sizes = [(32, 32), (96, 32), (20, 90), (64, 64)]  # 1 view, then 1 + 3, 1 + 3, 1 + 4
+    samples = [
+        Sample(s.text, s.supervised, s.image_at, size)
+        for s, size in zip(stream.batch(0, 4, warmup=False), sizes, strict=True)
+    ]
+    plans = [plan_slices(w, h, TINY.slicing) for w, h in sizes]
+    assert [len(p.view_sizes) for p in plans] == [1, 4, 4, 5]
+    batch = packed_trainee.collate(samples)
+    ids = packed_trainee.module.model.image_token_ids
+    slots = int((batch["input_ids"] == ids.patch).sum())
+    assert batch["views_per_image"] == [1, 4, 4, 5] and slots == batch["image_slots"] == 4 * 14
+    assert int((batch["input_ids"] == ids.start).sum()) == 4  # one thumbnail each
+    assert int((batch["input_ids"] == ids.slice_start).sum()) == 3 + 3 + 4
+    # the views are grouped as the library's collator groups them, in text order
+    views = [torch.zeros(3, h, w) for p in plans for w, h in p.view_sizes]
+    reference = group_views(views)
+    pixels = packed_trainee.batch_pixels(batch)
+    assert pixels.positions == reference.positions
+    assert [g.shape for g in pixels.groups] == [g.shape for g in reference.groups]
+    assert batch["view_patches"] == [
+        (len(pos), (g.shape[-2] // 8) * (g.shape[-1] // 8))
+        for g, pos in zip(reference.groups, reference.positions, strict=True)
+    ]
+    model = packed_trainee.module.model
+    with torch.no_grad():
+        assert model.image_features(pixels).shape[0] == slots
+
+    padded_trainee = SlicedLitTrainee(TINY, "0.5b", cpu, padded=True)
+    padded_trainee.module.load_state_dict(packed_trainee.module.state_dict())
+    padded = padded_trainee.collate(samples)
+    assert padded["input_ids"].shape[0] == 4 and padded["attention_mask"] is not None
+    assert padded["num_padded_tokens"] > padded["num_tokens"] == batch["num_tokens"]
+    assert int((padded["input_ids"] == ids.patch).sum()) == slots
+    losses = []
+    for trainee, b in ((packed_trainee, batch), (padded_trainee, padded)):
+        trainee.module.eval()
+        model_batch = {
+            "input_ids": b["input_ids"],
+            "labels": b["labels"],
+            "position_ids": b["position_ids"],
+            "attention_mask": b.get("attention_mask"),
+            "pixel_values": pixels,
+        }
+        with torch.no_grad():
+            losses.append(trainee.module(model_batch)[0])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+
+
+def test_sliced_flops_add_the_encoder_and_resampler_work_of_every_view() -> None:
+    torch.manual_seed(0)
+    trainee = SlicedLitTrainee(TINY, "0.5b", torch.device("cpu"), padded=False)
+    spec = trainee.spec
+    sample = SampleStream(TINY, 0, (16, 1000)).get(0)
+
+    def one(size: tuple[int, int]) -> tuple[float, dict]:
+        batch = trainee.collate([Sample(sample.text, sample.supervised, sample.image_at, size)])
+        return trainee.flops(batch), batch
+
+    single, single_batch = one((32, 32))
+    sliced, sliced_batch = one((96, 32))  # thumbnail 56x16 (7x2 patches) + 3 slices of 32x32
+    assert single_batch["view_patches"] == [(1, 16)]
+    assert sliced_batch["view_patches"] == [(1, 14), (3, 16)]
+    assert single == _decoder_flops(spec, single_batch["lengths"], single_batch["supervised"]) + (
+        _view_flops(spec, 16)
+    )
+    extra_tokens = sliced_batch["lengths"][0] - single_batch["lengths"][0]
+    assert extra_tokens == 3 * (4 + 2) + 1  # 3 slices of 4 slots and 2 delimiters, one newline
+    decoder_extra = _decoder_flops(
+        spec, sliced_batch["lengths"], sliced_batch["supervised"]
+    ) - _decoder_flops(spec, single_batch["lengths"], single_batch["supervised"])
+    views_extra = 3 * _view_flops(spec, 16) + _view_flops(spec, 14) - _view_flops(spec, 16)
+    assert sliced - single == pytest.approx(decoder_extra + views_extra, rel=1e-12)
+    assert views_extra > 2 * _view_flops(spec, 16)  # the extra views' encoder and resampler
+
+    # the unsliced resampler row counts exactly one 16-patch view per sample, as before
+    plain = LitTrainee(TINY, "0.5b", "resampler", torch.device("cpu"))
+    batch = plain.collate([sample])
+    expected = _decoder_flops(plain.spec, batch["lengths"], batch["supervised"])
+    assert plain.flops(batch) == pytest.approx(expected + _view_flops(plain.spec, 16), rel=1e-12)
+
+
+def test_image_sizes_of_the_stream_give_1_to_9_views_without_changing_the_text() -> None:
+    stream = SampleStream(REAL, 0, (16, 1000))
+    views = []
+    for index in range(600):
+        sample = stream.get(index)
+        width, height = sample.image_size
+        assert 1 / 3.1 < width / height < 3.1
+        views.append(len(plan_slices(width, height, REAL.slicing).view_sizes))
+    assert min(views) == 1 and max(views) == 9
+    assert {1, 3, 4, 5, 7, 9} <= set(views)  # never 2 (a grid has at least 2 slices)
+    assert 4 < sum(views) / len(views) < 6.5
+    plain = Sample(stream.get(3).text, stream.get(3).supervised, stream.get(3).image_at)
+    assert plain.image_size is None  # the unsliced rows' square image
+    tiny = [
+        len(
+            plan_slices(
+                *SampleStream(TINY, 0, (16, 1000)).get(i).image_size, TINY.slicing
+            ).view_sizes
+        )
+        for i in range(200)
+    ]
+    assert max(tiny) <= TINY.max_views
+
+
+def test_real_sliced_rows_are_the_resampler_model_with_64_tokens_per_view() -> None:
+    """Built on the meta device: the same sizes as the resampler row, CLIP-L/336 views."""
+    meta = torch.device("meta")
+    sliced = SlicedLitTrainee(REAL, "1.5b", meta, padded=True)
+    plain = LitTrainee(REAL, "1.5b", "resampler", meta)
+    assert sliced.spec == plain.spec and sliced.row == "resampler-sliced-padded"
+    assert sliced.tokens_per_view == sliced.image_tokens == 64
+    assert sliced.patches(336, 336) == REAL.patches == 576
+    one = sliced.sliced_image((336, 336))
+    assert one.num_views == 1 and torch.equal(one.ids, plain.image_block)
+    wide = sliced.sliced_image((1008, 336))  # thumbnail + 3x1 slices of 336x336
+    assert wide.plan.grid == (3, 1) and wide.num_views == 4
+    assert len(wide.ids) == 4 * (64 + 2) + 1  # one newline after the row of slices

@@ -10,6 +10,9 @@ Rows (one process, one command):
   packing (one row per micro-batch), loss on supervised positions only, frozen encoder in bf16
   under ``no_grad``, a varlen attention kernel for packed rows (or SDPA), regional
   ``torch.compile`` when it wins, and the largest micro-batch that the memory budget allows.
+* ``resampler-sliced`` / ``resampler-sliced-padded`` (only when ``--rows`` names them): the
+  ``resampler`` model reading every image as a thumbnail + slices (MiniCPM-V adaptive slicing,
+  1 to 9 views per image), packed, and the same model on right-padded batches.
 
 Every row reads the same seeded stream of synthetic conversations (one image each, text lengths
 long-tailed, about 30 % supervised tokens); pixels and token ids are random, which changes
@@ -21,7 +24,8 @@ Usage: python -m benchmarks.train_throughput --out results.md [--decoders 0.5b,1
 Modules: ``sizes`` (model sizes per scale), ``stream`` (the synthetic samples), ``trainee`` /
 ``baseline`` / ``lit`` (the rows), ``device``, ``measure``, ``generation``, ``profiling`` (what
 is measured), ``rows`` (probes and the final run of one row), ``loader`` (data-loader speed),
-``report`` / ``notes`` (the markdown), ``run`` (one whole run), ``__main__`` (the command line).
+``report`` / ``notes`` (the markdown), ``run`` (one whole run), ``__main__`` (the command line),
+``sliced`` (the sliced-image rows).
 """
 
 import os

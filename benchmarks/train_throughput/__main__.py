@@ -12,7 +12,13 @@ import torch
 
 from benchmarks import train_throughput
 from benchmarks.train_throughput.run import run
-from benchmarks.train_throughput.sizes import DEFAULT_BATCH_SIZES, REAL, ROWS, TINY_BATCH_SIZES
+from benchmarks.train_throughput.sizes import (
+    ALL_ROWS,
+    DEFAULT_BATCH_SIZES,
+    REAL,
+    ROWS,
+    TINY_BATCH_SIZES,
+)
 
 PROG = "python -m benchmarks.train_throughput"
 
@@ -24,14 +30,14 @@ def parse_batch_sizes(text: str | None, tiny: bool) -> dict[str, list[int]]:
         return sizes
     if "=" not in text:
         values = [int(v) for v in text.split(",") if v.strip()]
-        return {row: list(values) for row in ROWS}
+        return {row: list(values) for row in ALL_ROWS}
     for part in text.split(";"):
         if not part.strip():
             continue
         row, _, values = part.partition("=")
         row = row.strip()
-        if row not in ROWS:
-            raise ValueError(f"--batch-sizes: unknown row {row!r}; expected one of {ROWS}")
+        if row not in ALL_ROWS:
+            raise ValueError(f"--batch-sizes: unknown row {row!r}; expected one of {ALL_ROWS}")
         sizes[row] = [int(v) for v in values.split(",") if v.strip()]
     return sizes
 
@@ -44,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     summary = (train_throughput.__doc__ or "").split("\n\n")[0]
     p = argparse.ArgumentParser(prog=PROG, description=summary)
     p.add_argument("--decoders", default="0.5b,1.5b", help="comma list of 0.5b, 1.5b")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma list of baseline,mlp,resampler")
+    p.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help="comma list of baseline,mlp,resampler (the default) and the sliced-image rows "
+        "resampler-sliced,resampler-sliced-padded",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; tiny 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10; tiny 1)")
     p.add_argument("--batch-sizes", default=None, help="'8,16,32' or 'baseline=2,4;mlp=8,16;...'")
@@ -111,8 +122,8 @@ def resolve_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.decoders = _csv(args.decoders)
     args.rows = _csv(args.rows)
     for row in args.rows:
-        if row not in ROWS:
-            raise ValueError(f"--rows: unknown row {row!r}; expected some of {ROWS}")
+        if row not in ALL_ROWS:
+            raise ValueError(f"--rows: unknown row {row!r}; expected some of {ALL_ROWS}")
     for dec in args.decoders:
         if dec not in REAL.decoders:
             raise ValueError(f"--decoders: unknown decoder {dec!r}; expected {list(REAL.decoders)}")

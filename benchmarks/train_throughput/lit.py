@@ -11,6 +11,7 @@ from benchmarks.train_throughput.sizes import Sizes
 from benchmarks.train_throughput.stream import Sample, batch_stats, render
 from benchmarks.train_throughput.trainee import Trainee, autocast
 from lit_mllm.data.collate import pack
+from lit_mllm.data.slicing import ImageSlicing
 from lit_mllm.flops import spec_from_model
 from lit_mllm.models.attention import VARLEN_ATTENTION
 
@@ -20,7 +21,14 @@ class LitTrainee(Trainee):
 
     row = "lit"
 
-    def __init__(self, sizes: Sizes, decoder: str, connector: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        sizes: Sizes,
+        decoder: str,
+        connector: str,
+        device: torch.device,
+        image_slicing: ImageSlicing | None = None,
+    ) -> None:
         super().__init__(sizes, decoder, device)
         from lit_mllm.module import MLLMModule
 
@@ -43,6 +51,7 @@ class LitTrainee(Trainee):
                     "train": "full",
                     "attn_implementation": "sdpa",
                 },
+                image_slicing=image_slicing,
             )
         self.module.train()
         model = self.module.model
@@ -82,15 +91,21 @@ class LitTrainee(Trainee):
             "input_ids": batch["input_ids"].to(dev, non_blocking=True),
             "labels": batch["labels"].to(dev, non_blocking=True),
             "position_ids": batch["position_ids"].to(dev, non_blocking=True),
-            "attention_mask": None,
-            "pixel_values": self.pixels(batch["num_samples"]),
+            "attention_mask": None,  # packed: one row, position_ids restart per sample
+            "pixel_values": self.batch_pixels(batch),
         }
+        if batch.get("attention_mask") is not None:  # right-padded rows
+            model_batch["attention_mask"] = batch["attention_mask"].to(dev, non_blocking=True)
         stance = "default" if self.compiled else "force_eager"
         with autocast(dev), torch.compiler.set_stance(stance):
             loss, _ = self.module(model_batch)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def batch_pixels(self, batch: dict[str, Any]) -> Any:
+        """The images of a collated batch on the device: one random square image per sample."""
+        return self.pixels(batch["num_samples"])
 
     def generate(self, samples: Sequence[Sample], new_tokens: int) -> torch.Tensor:
         ids = torch.stack([render(s, self.image_block)[0] for s in samples]).to(self.device)

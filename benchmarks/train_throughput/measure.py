@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from benchmarks.train_throughput.device import (
     failure_status,
@@ -37,6 +38,11 @@ class Measurement:
     padded_tokens: int = 0
     flops: float = 0.0
     peak_bytes: int = 0
+    images: int = 0
+    views: int = 0  # encoder inputs: one per image, or a thumbnail + slices per sliced image
+    image_slots: int = 0  # <im_patch> tokens (= image feature rows) over the timed steps
+    view_sizes: int = 0  # encoder calls: distinct view sizes summed over the timed steps
+    view_hist: dict[int, int] = field(default_factory=dict)  # views per image -> images
 
     @property
     def ok(self) -> bool:
@@ -65,6 +71,18 @@ class Measurement:
     @property
     def peak_gib(self) -> float:
         return self.peak_bytes / 2**30
+
+    @property
+    def views_per_image(self) -> float:
+        return self.views / self.images if self.images else float("nan")
+
+    @property
+    def encoder_calls_per_step(self) -> float:
+        return self.view_sizes / self.steps if self.steps else float("nan")
+
+    @property
+    def image_tokens_per_sample(self) -> float:
+        return self.image_slots / self.samples if self.samples else float("nan")
 
     def tflop_per_step(self) -> float:
         return self.flops / max(self.steps, 1) / 1e12
@@ -122,6 +140,14 @@ def measure(
     result.real_tokens = sum(b["num_tokens"] for b in timed)
     result.padded_tokens = sum(b["num_padded_tokens"] for b in timed)
     result.flops = sum(trainee.flops(b) for b in timed)
+    per_image = [v for b in timed for v in b.get("views_per_image", [1] * b["num_samples"])]
+    result.images = len(per_image)
+    result.views = sum(per_image)
+    result.view_hist = dict(sorted(Counter(per_image).items()))
+    result.view_sizes = sum(len(b.get("view_patches") or [()]) for b in timed)
+    result.image_slots = sum(
+        b.get("image_slots", b["num_samples"] * trainee.image_tokens) for b in timed
+    )
     result.peak_bytes = peak_memory_bytes(device)
     if budget_bytes is not None and result.peak_bytes > budget_bytes:
         result.status = "over budget"

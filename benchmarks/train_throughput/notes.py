@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-from benchmarks.train_throughput.sizes import Sizes
+from benchmarks.train_throughput.sizes import Sizes, is_sliced
 
 
 def versions() -> str:
@@ -46,7 +46,7 @@ def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) ->
         if cuda
         else "on CPU: the process's peak resident set, not comparable between rows"
     )
-    return [
+    notes = [
         f"Timing: {args.warmup} warm-up steps excluded, then {args.steps} timed steps per row at "
         f"its best micro-batch; probes use {args.probe_warmup} warm-up + {args.probe_steps} "
         "timed steps. Batches are collated before the clock starts (the loader is measured on "
@@ -89,3 +89,30 @@ def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) ->
         "excluded. It must exceed the training samples/s to keep the GPU fed.",
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for all rows (set by the script).",
     ]
+    if any(is_sliced(row) for row in args.rows):
+        notes.append(sliced_note(sizes))
+    return notes
+
+
+def sliced_note(sizes: Sizes) -> str:
+    """How the sliced rows' images and FLOPs are made."""
+    s = sizes.slicing
+    side, top = s.scale_resolution, max(sizes.max_views - 1, 1)
+    return (
+        f"Sliced rows: the resampler row's model with image_slicing(max_slices={s.max_slices}, "
+        f"scale_resolution={side}, patch_size={s.patch_size}) (MiniCPM-V adaptive slicing, "
+        "lit_mllm.data.slicing.plan_slices). Each sample's image size (its own seeded generator, "
+        f"so the text is the same as in the other rows): area multiple m uniform in 1..{top} "
+        f"(area uniform in ((m-1), m] x {side}^2, 0.5..1 for m = 1), aspect log-uniform 1:3..3:1, "
+        f"drawn again when its plan has more than {sizes.max_views} views; pixels random, one "
+        "tensor per view size on the device (ImageViews grouped by size, as MLLMCollator "
+        f"groups them). Token layout lit_mllm.data.turns.image_group: {sizes.resampler_queries} "
+        "patch slots per view in <im_start>/<im_end> (thumbnail) or <slice_start>/<slice_end> "
+        "(slices), a newline after each row of slices. 'resampler-sliced' packs the micro-batch "
+        "into one row; 'resampler-sliced-padded' right-pads one row per sample with an "
+        "attention_mask (the varlen backend falls back to SDPA with a padding mask). FLOPs: "
+        "encoder and resampler per view at that view's patch grid (T = its patches + CLS; the "
+        "resampler's key padding across view sizes is not counted), decoder on the real sample "
+        "lengths (delimiters included). padding % = decoder pad tokens. Captioning speed is not "
+        "measured for these rows."
+    )

@@ -12,7 +12,7 @@ from benchmarks.train_throughput.generation import GenResult
 from benchmarks.train_throughput.loader import LoaderResult
 from benchmarks.train_throughput.measure import Measurement
 from benchmarks.train_throughput.rows import RowReport
-from benchmarks.train_throughput.sizes import row_label
+from benchmarks.train_throughput.sizes import SLICED_ROWS, is_sliced, row_label
 
 TRAIN_COLUMNS = (
     "row",
@@ -33,6 +33,25 @@ TRAIN_COLUMNS = (
     "vs baseline",
     "status",
 )
+SLICED_COLUMNS = (
+    "row",
+    "decoder",
+    "micro-batch",
+    "attention",
+    "compile",
+    "step (ms)",
+    "samples/s",
+    "real tok/s",
+    "MFU %",
+    "padding %",
+    "views/image",
+    "image tok/sample",
+    "encoder calls/step",
+    "TFLOP/step",
+    "peak mem (GiB)",
+    "status",
+)
+SLICED_TARGETS = (1.5, 0.9)  # packed/padded real tok/s; MFU sliced packed / unsliced resampler
 GEN_COLUMNS = ("row", "decoder", "batch", "new tokens", "captions/s", "vs baseline", "status")
 LOADER_COLUMNS = ("workers", "batch", "image px", "samples/s", "best lit train samples/s", "ratio")
 PROBE_COLUMNS = (
@@ -69,13 +88,14 @@ def _train_table(finals: Sequence[Measurement], peak: float) -> list[str]:
     rows = []
     for m in finals:
         ref = base.get(m.decoder)
-        speedup = m.samples_per_s / ref.samples_per_s if ref and m.ok else float("nan")
+        comparable = ref and m.ok and not is_sliced(m.row)  # sliced rows: other images
+        speedup = m.samples_per_s / ref.samples_per_s if comparable else float("nan")
         rows.append(
             [
                 row_label(m.row),
                 m.decoder,
                 m.connector,
-                str(m.image_tokens),
+                f"{m.image_tokens}/view" if is_sliced(m.row) else str(m.image_tokens),
                 str(m.batch_size),
                 m.attention,
                 "yes" if m.compiled else "no",
@@ -92,6 +112,64 @@ def _train_table(finals: Sequence[Measurement], peak: float) -> list[str]:
             ]
         )
     return _table(TRAIN_COLUMNS, rows)
+
+
+def _sliced_table(finals: Sequence[Measurement], peak: float) -> list[str]:
+    """The sliced rows next to the unsliced resampler row, then the two ratios per decoder."""
+    shown = [m for m in finals if m.row == "resampler" or is_sliced(m.row)]
+    rows = [
+        [
+            row_label(m.row),
+            m.decoder,
+            str(m.batch_size),
+            m.attention,
+            "yes" if m.compiled else "no",
+            _fmt(m.step_ms),
+            _fmt(m.samples_per_s, 2),
+            _fmt(m.real_per_s, 0),
+            _fmt(m.mfu(peak)),
+            _fmt(m.padding_pct),
+            _fmt(m.views_per_image, 2),
+            _fmt(m.image_tokens_per_sample),
+            _fmt(m.encoder_calls_per_step),
+            _fmt(m.tflop_per_step(), 2),
+            _fmt(m.peak_gib, 2),
+            m.status,
+        ]
+        for m in shown
+    ]
+    lines = _table(SLICED_COLUMNS, rows) + [""]
+    by_row = {(m.decoder, m.row): m for m in finals if m.ok}
+    speed_target, mfu_target = SLICED_TARGETS
+    for decoder in dict.fromkeys(m.decoder for m in shown):
+        packed = by_row.get((decoder, "resampler-sliced"))
+        padded = by_row.get((decoder, "resampler-sliced-padded"))
+        plain = by_row.get((decoder, "resampler"))
+        if packed and padded:
+            ratio = packed.real_per_s / padded.real_per_s
+            verdict = "met" if ratio >= speed_target else "NOT met"
+            lines.append(
+                f"- {decoder}: packed / padded = {_fmt(packed.real_per_s, 0)} / "
+                f"{_fmt(padded.real_per_s, 0)} real tok/s = **{ratio:.2f}x** (target >= "
+                f"{speed_target}x: {verdict}); padding {_fmt(packed.padding_pct)} % vs "
+                f"{_fmt(padded.padding_pct)} %"
+            )
+        if packed and plain:
+            ratio = packed.mfu(peak) / plain.mfu(peak)
+            verdict = "met" if ratio >= mfu_target else "NOT met"
+            lines.append(
+                f"- {decoder}: MFU sliced packed / unsliced resampler = {_fmt(packed.mfu(peak))} % "
+                f"/ {_fmt(plain.mfu(peak))} % = **{ratio:.2f}** (target >= {mfu_target}, within "
+                f"{100 * (1 - mfu_target):.0f} %: {verdict})"
+            )
+        for m in shown:
+            if m.decoder == decoder and is_sliced(m.row) and m.view_hist:
+                hist = ", ".join(f"{views}: {count}" for views, count in m.view_hist.items())
+                lines.append(
+                    f"- {decoder} {m.row}: views per image over its {m.images} timed images "
+                    f"(views: images): {hist}"
+                )
+    return lines
 
 
 def _generation_table(gens: Sequence[GenResult]) -> list[str]:
@@ -164,6 +242,9 @@ def render_report(
     finals = [r.final for r in reports if r.final is not None]
     lines = list(header) + ["", "## Training throughput (best micro-batch per row)", ""]
     lines += _train_table(finals, peak)
+    if any(m.row in SLICED_ROWS for m in finals):
+        lines += ["", "## Sliced images (thumbnail + slices per image, packed vs padded)", ""]
+        lines += _sliced_table(finals, peak)
     profiles = [r.profile for r in reports if r.profile]
     if profiles:
         lines += ["", "## Where the step time goes (torch.profiler)", ""]

@@ -16,7 +16,8 @@ from benchmarks.train_throughput.generation import GenResult, measure_generation
 from benchmarks.train_throughput.lit import LitTrainee
 from benchmarks.train_throughput.measure import Measurement, measure
 from benchmarks.train_throughput.profiling import profile_training
-from benchmarks.train_throughput.sizes import Sizes
+from benchmarks.train_throughput.sizes import Sizes, is_padded, is_sliced, row_connector
+from benchmarks.train_throughput.sliced import SlicedLitTrainee
 from benchmarks.train_throughput.stream import SampleStream
 from benchmarks.train_throughput.trainee import Trainee
 from lit_mllm.models.attention import varlen_available
@@ -140,13 +141,22 @@ def placeholder_row(row: str, decoder: str, status: str) -> Measurement:
     return Measurement(
         row=row,
         decoder=decoder,
-        connector="mlp" if row == "baseline" else row,
+        connector=row_connector(row),
         image_tokens=0,
         batch_size=0,
         attention="-",
         compiled=False,
         status=status.splitlines()[0][:160],
     )
+
+
+def make_trainee(row: str, decoder: str, sizes: Sizes, device: torch.device) -> Trainee:
+    """The model and training loop of one row of the table."""
+    if row == "baseline":
+        return BaselineTrainee(sizes, decoder, device)
+    if is_sliced(row):
+        return SlicedLitTrainee(sizes, decoder, device, padded=is_padded(row))
+    return LitTrainee(sizes, decoder, row, device)
 
 
 def run_row(
@@ -164,11 +174,7 @@ def run_row(
     trainee: Trainee | None = None
     report = RowReport(final=None)
     try:
-        trainee = (
-            BaselineTrainee(sizes, decoder, device)
-            if row == "baseline"
-            else LitTrainee(sizes, decoder, row, device)
-        )
+        trainee = make_trainee(row, decoder, sizes, device)
         batch_sizes = args.batch_sizes[row]
         if isinstance(trainee, LitTrainee):
             report.probes += choose_lit_config(
@@ -187,7 +193,7 @@ def run_row(
         final = report.final
         if args.profile_steps > 0 and final is not None and final.ok and device.type == "cuda":
             report.profile = profile_training(trainee, stream, final, args.profile_steps)
-        if args.gen_batches > 0:
+        if args.gen_batches > 0 and not is_sliced(row):  # captions: unsliced rows only
             report.generation = measure_generation(
                 trainee, stream, args.gen_batch_size, args.gen_batches, args.gen_tokens
             )

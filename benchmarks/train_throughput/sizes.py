@@ -5,12 +5,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-ROWS = ("baseline", "mlp", "resampler")
+from lit_mllm.data.slicing import ImageSlicing
+
+ROWS = ("baseline", "mlp", "resampler")  # the default run
+# sliced images (MiniCPM-V adaptive slicing), only when --rows names them: the resampler
+# model reading a thumbnail + slices per image, packed, and the same model on right-padded rows
+SLICED_ROWS = ("resampler-sliced", "resampler-sliced-padded")
+ALL_ROWS = ROWS + SLICED_ROWS
 
 
 def row_label(row: str) -> str:
     """How a row is named in the report's tables."""
     return "baseline (HF LLaVA)" if row == "baseline" else f"lit-mllm {row}"
+
+
+def row_connector(row: str) -> str:
+    """The connector of a row's model: the baseline's projector is an MLP."""
+    return "mlp" if row == "baseline" else row.split("-")[0]
+
+
+def is_sliced(row: str) -> bool:
+    return row in SLICED_ROWS
+
+
+def is_padded(row: str) -> bool:
+    """Rows trained on right-padded batches (one row per sample) rather than packed ones."""
+    return row == "baseline" or row.endswith("-padded")
 
 
 QWEN2_COMMON = {
@@ -42,6 +62,10 @@ class Sizes:
     text_median: int
     text_sigma: float
     resampler_queries: int
+    # the sliced rows: how images are cut (scale_resolution = the encoder's native side) and
+    # the most views (thumbnail + slices) an image of the stream may have
+    slicing: ImageSlicing
+    max_views: int
 
     @property
     def patches(self) -> int:
@@ -86,6 +110,8 @@ REAL = Sizes(
     text_median=200,
     text_sigma=0.8,
     resampler_queries=64,
+    slicing=ImageSlicing(max_slices=9, scale_resolution=336, patch_size=14),
+    max_views=9,
 )
 
 TINY = Sizes(
@@ -125,11 +151,15 @@ TINY = Sizes(
     text_median=20,
     text_sigma=0.8,
     resampler_queries=4,
+    slicing=ImageSlicing(max_slices=9, scale_resolution=32, patch_size=8),
+    max_views=5,
 )
 
 DEFAULT_BATCH_SIZES = {
     "baseline": [2, 4, 8, 16],
     "mlp": [8, 16, 32, 64],
     "resampler": [16, 32, 64, 128],
+    "resampler-sliced": [8, 16, 32, 64],  # ~5 views of 64 tokens per image: longer samples
+    "resampler-sliced-padded": [8, 16, 32, 64],
 }
-TINY_BATCH_SIZES = {"baseline": [2, 4], "mlp": [2, 4], "resampler": [2, 4]}
+TINY_BATCH_SIZES = {row: [2, 4] for row in ALL_ROWS}

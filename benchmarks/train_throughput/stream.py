@@ -11,16 +11,21 @@ import numpy as np
 import torch
 
 from benchmarks.train_throughput.sizes import Sizes
+from lit_mllm.data.slicing import plan_slices
 from lit_mllm.tokens import IGNORE_INDEX
+
+ASPECT_RANGE = (1 / 3, 3.0)  # width / height of the sliced rows' images, log-uniform
 
 
 @dataclass
 class Sample:
-    """One conversation: text ids, which of them are assistant replies, where the image goes."""
+    """One conversation: text ids, which of them are assistant replies, where the image goes,
+    and the size of its image (read by the sliced rows only; the others use the square one)."""
 
     text: torch.Tensor  # (T,) int64
     supervised: torch.Tensor  # (T,) bool
     image_at: int
+    image_size: tuple[int, int] | None = None  # (width, height); None = sizes.image_size square
 
 
 def _split(total: int, parts: int, rng: np.random.Generator) -> list[int]:
@@ -31,8 +36,30 @@ def _split(total: int, parts: int, rng: np.random.Generator) -> list[int]:
     return np.diff(np.concatenate([[0], cuts, [total]])).astype(int).tolist()
 
 
+def draw_image_size(rng: np.random.Generator, sizes: Sizes) -> tuple[int, int]:
+    """An image (width, height) whose slice plan has 1 to ``sizes.max_views`` views.
+
+    With ``A = scale_resolution**2``: an area multiple ``m`` uniform in 1 .. max_views-1, the area
+    uniform in ((m-1) A, m A] (0.5 A .. A for m = 1: one view), the aspect log-uniform in
+    1:3 .. 3:1; sizes whose plan has more views are drawn again. The plan never has 2 views (a
+    grid has at least 2 slices), and it may pick n-1, n or n+1 slices for n = m.
+    """
+    area = sizes.slicing.scale_resolution**2
+    low, high = (math.log(a) for a in ASPECT_RANGE)
+    while True:
+        multiple = int(rng.integers(1, max(sizes.max_views, 2)))
+        pixels = area * rng.uniform(max(multiple - 1, 0.5), multiple)
+        aspect = math.exp(rng.uniform(low, high))
+        width = max(1, round(math.sqrt(pixels * aspect)))
+        height = max(1, round(pixels / width))
+        if len(plan_slices(width, height, sizes.slicing).view_sizes) <= sizes.max_views:
+            return width, height
+
+
 def make_sample(index: int, sizes: Sizes, seed: int, vocab: tuple[int, int]) -> Sample:
-    """Sample ``index`` of the stream; depends only on (seed, index), so every row sees it."""
+    """Sample ``index`` of the stream; depends only on (seed, index), so every row sees it.
+    The image size comes from a generator of its own: the text is the same with or without it."""
+    image_size = draw_image_size(np.random.default_rng([seed, index, 1]), sizes)
     rng = np.random.default_rng([seed, index])
     length = round(rng.lognormal(math.log(sizes.text_median), sizes.text_sigma))
     length = int(min(max(length, sizes.text_min), sizes.text_max))
@@ -48,7 +75,7 @@ def make_sample(index: int, sizes: Sizes, seed: int, vocab: tuple[int, int]) -> 
         ]
     )
     text = torch.from_numpy(rng.integers(vocab[0], vocab[1], size=length)).long()
-    return Sample(text, mask, image_at=min(3, user[0]))
+    return Sample(text, mask, image_at=min(3, user[0]), image_size=image_size)
 
 
 class SampleStream:

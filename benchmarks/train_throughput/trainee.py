@@ -52,13 +52,29 @@ class Trainee(ABC):
         return torch.randn(n, 3, size, size, device=self.device)
 
     def flops(self, batch: dict[str, Any]) -> float:
-        return step_flops(
+        """Model FLOPs of one step (``lit_mllm.flops.step_flops``): the decoder on the real
+        sample lengths, plus the encoder and connector on every image view at its own patch
+        grid. ``batch["view_patches"]``: (views, patches per view) for each view size (sliced
+        rows); else one ``sizes.image_size`` image per sample."""
+        groups = batch.get("view_patches") or [(batch["num_samples"], self.sizes.patches)]
+        text = step_flops(
             self.spec,
-            num_images=batch["num_samples"],
-            patches_per_image=self.sizes.patches,
+            num_images=0,
+            patches_per_image=0,
             sample_lengths=batch["lengths"],
             supervised_tokens=batch["supervised"],
         )
+        images = sum(
+            step_flops(
+                self.spec,
+                num_images=count,
+                patches_per_image=patches,
+                sample_lengths=(),
+                supervised_tokens=0,
+            )
+            for count, patches in groups
+        )
+        return text + images
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
