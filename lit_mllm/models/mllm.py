@@ -109,8 +109,7 @@ class MultimodalLM(nn.Module):
         """Sliced images: each size group at its own patch grid, then the connector over all
         groups at once. One (tokens, D_lm) tensor per view, in text order."""
         features, grids = [], []
-        for pixels in views.groups:
-            group, grid = self.encoder(pixels)
+        for group, grid in self.encoder.forward_groups(list(views.groups)):
             features.append(group.to(self._connector_dtype(group.device)))
             grids.append(grid)
         return views.in_text_order(self.connector.forward_groups(features, grids))

@@ -28,6 +28,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from lit_mllm.models.attention import varlen_available
+from lit_mllm.models.packed_vision import PackedViT, can_pack
 from lit_mllm.models.weights import (
     load_timm_weights,
     resolve_hub_checkpoint,
@@ -64,6 +66,12 @@ def image_data_config(model: nn.Module) -> dict[str, Any]:
     if img_size is not None:
         cfg["input_size"] = (cfg["input_size"][0], int(img_size[0]), int(img_size[1]))
     return cfg
+
+
+def _forget_position_tables(encoder: VisionEncoder, _incompatible: Any) -> None:
+    """New weights: the packed path's resampled position tables are stale."""
+    if encoder.packed is not None:
+        encoder.packed.clear()
 
 
 class VisionEncoder(nn.Module):
@@ -116,6 +124,12 @@ class VisionEncoder(nn.Module):
         self.model.to(_DTYPES[dtype])
         self.requires_grad_(False)
         self.train(False)
+        self.packed: PackedViT | None = None  # views of several sizes in one pass (plain ViTs)
+        if can_pack(self.model):
+            depth = len(self.model.blocks)
+            stop = depth if self.feature_layer == -1 else self.feature_layer % depth + 1
+            self.packed = PackedViT(self.model, stop, final_norm=self.feature_layer == -1)
+            self.register_load_state_dict_post_hook(_forget_position_tables)
 
     def _set_sincos_pos_embed(self) -> None:
         from lit_mllm.models.resampler import sincos_pos_embed_2d
@@ -199,6 +213,24 @@ class VisionEncoder(nn.Module):
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def forward_groups(
+        self, groups: list[Tensor], pack: bool | None = None
+    ) -> list[tuple[Tensor, tuple[int, int]]]:
+        """Views grouped by size -> per group (patch tokens (n_g, P_g, D), grid).
+
+        ``pack``: all groups in one pass (``PackedViT``); default: where the varlen flash kernel
+        can run it (CUDA, bf16/fp16 weights) and the model is a plain ViT. Otherwise (and for one
+        group) each group runs on its own, which gives the same tokens."""
+        device = self._device()
+        if pack is None:
+            fast = varlen_available(device) and self.dtype in (torch.bfloat16, torch.float16)
+            pack = fast and len(groups) > 1
+        if not pack or self.packed is None:
+            return [self(pixels) for pixels in groups]
+        with torch.no_grad():
+            out = self.packed([g.to(device=device, dtype=self.dtype) for g in groups])
+        return [(tokens[:, self.num_prefix_tokens :], grid) for tokens, grid in out]
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """(B, 3, H, W) -> patch tokens (B, gh*gw, embed_dim) in the encoder dtype, (gh, gw)."""

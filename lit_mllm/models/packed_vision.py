@@ -1,0 +1,145 @@
+"""Every view of a batch through a timm ViT in one pass, as one packed sequence (NaViT-style).
+
+Sliced images give a batch many view sizes (26 distinct ones in a step of 32 COCO-like images).
+Run size by size, the encoder launches its ~300 kernels once per size and timm resamples its
+position table once per size and step (a bicubic interpolation each time), which left an H200
+idle for half of a training step. Here the patch embeddings of all views (each with the
+position table at its own grid, resampled once per grid and kept) are laid end to end and every
+block runs once over them; attention stays inside each view through the varlen flash kernel on
+CUDA (per view with SDPA elsewhere). The result equals running each size on its own through
+timm, which the tests check.
+
+Only plain timm ViTs (``VisionTransformer`` made of ``Block`` / ``Attention``: CLIP, SigLIP,
+DINOv2-style, the tiny encoder) qualify; any other model runs size by size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, resample_abs_pos_embed
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from lit_mllm.models.attention import varlen_available
+
+__all__ = ["PackedViT", "can_pack"]
+
+SegmentAttention = Callable[[Tensor, Tensor, Tensor, Tensor, int, float], Tensor]
+
+
+def can_pack(model: nn.Module) -> bool:
+    """A timm ViT whose blocks are the standard ones, with a learned position table."""
+    if type(model) is not VisionTransformer or not isinstance(model.pos_embed, nn.Parameter):
+        return False
+    if not getattr(model, "dynamic_img_size", False) or model.pos_embed.ndim != 3:
+        return False
+    return all(type(b) is Block and type(b.attn) is Attention for b in model.blocks)
+
+
+def segment_sdpa(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float) -> Tensor:
+    """Full (non-causal) attention inside each segment of (T, H, D) tensors: the CPU path."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]
+        out[a:b] = F.scaled_dot_product_attention(*seg, scale=scale).transpose(0, 1)
+    return out
+
+
+def segment_flash(
+    q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float
+) -> Tensor:
+    """PyTorch's flash-attention varlen kernel (CUDA, bf16/fp16), non-causal."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
+
+
+class PackedViT:
+    """Runs ``model`` (frozen, eval) over views of several sizes at once.
+
+    ``stop``: the number of blocks to run; ``final_norm``: apply the model's last norm (the
+    ``forward_features`` output) or not (a block's raw output, as ``forward_intermediates``).
+    """
+
+    def __init__(self, model: VisionTransformer, stop: int, final_norm: bool) -> None:
+        if not can_pack(model):
+            raise ValueError(f"{type(model).__name__} is not a plain timm ViT; it cannot pack")
+        self.model, self.stop, self.final_norm = model, stop, final_norm
+        self._tables: dict[tuple, Tensor] = {}
+
+    def clear(self) -> None:
+        """Forget the resampled position tables (the weights were replaced)."""
+        self._tables.clear()
+
+    def _table(self, grid: tuple[int, int]) -> Tensor:
+        """The position table at ``grid``, resampled the way timm does in its forward, once."""
+        table = self.model.pos_embed
+        key = (grid, table.device, table.dtype)
+        if key not in self._tables:
+            prefix = 0 if self.model.no_embed_class else self.model.num_prefix_tokens
+            self._tables[key] = resample_abs_pos_embed(
+                table, new_size=list(grid), old_size=self.model.patch_embed.grid_size,
+                num_prefix_tokens=prefix,
+            )  # fmt: skip
+        return self._tables[key]
+
+    def _embed(self, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """(n, 3, h, w) -> (n, prefix + gh*gw, C) block inputs, as timm's ``_pos_embed`` makes them."""
+        model = self.model
+        x = model.patch_embed(pixels)  # (n, gh, gw, C): dynamic_img_size gives NHWC
+        n, gh, gw, channels = x.shape
+        x = x.reshape(n, gh * gw, channels)
+        prefix = [t.expand(n, -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
+        table = self._table((gh, gw))
+        if model.no_embed_class:
+            x = torch.cat([*prefix, x + table], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + table
+        return model.norm_pre(model.patch_drop(model.pos_drop(x))), (int(gh), int(gw))
+
+    @staticmethod
+    def _attention(
+        attn: Attention, x: Tensor, cu: Tensor, max_len: int, kernel: SegmentAttention
+    ) -> Tensor:  # noqa: E501
+        tokens = x.shape[0]
+        gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+        q, k, v = attn.qkv(x).reshape(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = kernel(q, k, v, cu, max_len, attn.scale).reshape(tokens, attn.attn_dim)
+        out = attn.norm(out)
+        if gate is not None:
+            out = out * gate
+        return attn.proj_drop(attn.proj(out))
+
+    def __call__(
+        self, groups: Sequence[Tensor], kernel: SegmentAttention | None = None
+    ) -> list[tuple[Tensor, tuple[int, int]]]:
+        """Groups of equal-size views (n_g, 3, h_g, w_g) -> per group (n_g, T_g, C) tokens (prefix
+        tokens included) and its patch grid, as the model gives them size by size."""
+        if not groups:
+            return []
+        embedded = [self._embed(pixels) for pixels in groups]
+        lengths = [t.shape[1] for t, _ in embedded for _ in range(t.shape[0])]
+        x = torch.cat([t.flatten(0, 1) for t, _ in embedded])
+        if kernel is None:
+            fast = varlen_available(x.device) and x.dtype in (torch.bfloat16, torch.float16)
+            kernel = segment_flash if fast else segment_sdpa
+        cu = torch.tensor([0, *lengths], device=x.device).cumsum(0).to(torch.int32)
+        max_len = max(lengths)
+        for block in self.model.blocks[: self.stop]:
+            x = x + block.ls1(self._attention(block.attn, block.norm1(x), cu, max_len, kernel))
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        if self.final_norm:
+            x = self.model.norm(x)
+        out, start = [], 0
+        for tokens, grid in embedded:
+            size = tokens.shape[0] * tokens.shape[1]
+            out.append(
+                (x[start : start + size].reshape(tokens.shape[0], tokens.shape[1], -1), grid)
+            )
+            start += size
+        return out
