@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lit_mllm.errors import UsageError, run_reporting_errors
 
@@ -29,9 +30,19 @@ def refuse_fp16_on_cpu(trainer: Namespace | None) -> None:
 
 
 def run_lightning_cli(prog: str, run: Callable[[], Any], *, debug: bool) -> int:
-    """``run`` builds the CLI; user errors print as ``prog: error: ...`` (see ``errors.py``)."""
+    """``run`` builds the CLI; user errors print as ``prog: error: ...`` (see ``errors.py``).
+
+    Lightning's ``MisconfigurationException`` is a user error wherever it is raised (trainer
+    flags that contradict each other, a callback that needs a logger the run turned off)."""
+
+    def run_with_lightning_checks() -> Any:
+        try:
+            return run()
+        except MisconfigurationException as error:
+            raise UsageError(f"Lightning refused the configuration: {error}") from error
+
     try:
-        return run_reporting_errors(prog, run, debug=debug)
+        return run_reporting_errors(prog, run_with_lightning_checks, debug=debug)
     finally:
         # a gloo/NCCL group left alive aborts the interpreter at exit ("terminate called ...")
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -167,6 +167,21 @@ def test_a_bad_setting_is_one_line_and_debug_shows_the_traceback(tmp_path: Path)
         assert "Traceback" in debug.stderr and "lit_mllm/models/vision.py" in debug.stderr
 
 
+def test_lightnings_own_configuration_refusals_are_one_line_too(tmp_path: Path) -> None:
+    """Trainer flags that contradict the recipe (its checkpoint callbacks with checkpointing
+    off) are refused by Lightning, deep inside it: still one line, exit code 2."""
+    run = run_cli(
+        "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--trainer.enable_checkpointing", "false", cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "lit-mllm: error: Lightning refused the configuration: Trainer was configured with "
+        "`enable_checkpointing=False` but found `ModelCheckpoint` in callbacks list."
+    )
+
+
 def test_export_data_and_score_share_the_debug_switch(tmp_path: Path, capsys, monkeypatch) -> None:
     from lit_mllm.data.cli import main as data_main
     from lit_mllm.export import main as export_main
