@@ -65,7 +65,7 @@ SLICED_COLUMNS = [
     "padding %",
     "views/image",
     "image tok/sample",
-    "encoder calls/step",
+    "view sizes/step",
     "TFLOP/step",
     "peak mem (GiB)",
     "status",
@@ -346,8 +346,8 @@ def test_tiny_sliced_rows_report_packed_vs_padded(tmp_path: Path) -> None:
         for column in ("real tok/s", "MFU %", "views/image", "image tok/sample"):
             assert math.isfinite(_number(row[column])) and _number(row[column]) > 0
     assert _number(plain["views/image"]) == 1 and _number(plain["image tok/sample"]) == 4
-    assert _number(plain["encoder calls/step"]) == 1  # one image size: one encoder call
-    assert 1 < _number(packed["encoder calls/step"]) <= 4 * TINY.max_views
+    assert _number(plain["view sizes/step"]) == 1  # one image size: one encoder call
+    assert 1 < _number(packed["view sizes/step"]) <= 4 * TINY.max_views
     # the same samples in both sliced rows: same views, more of them than one per image
     assert packed["views/image"] == padded["views/image"]
     assert 1 < _number(packed["views/image"]) <= TINY.max_views

@@ -41,7 +41,7 @@ class Measurement:
     images: int = 0
     views: int = 0  # encoder inputs: one per image, or a thumbnail + slices per sliced image
     image_slots: int = 0  # <im_patch> tokens (= image feature rows) over the timed steps
-    view_sizes: int = 0  # encoder calls: distinct view sizes summed over the timed steps
+    view_sizes: int = 0  # distinct view sizes summed over the timed steps
     view_hist: dict[int, int] = field(default_factory=dict)  # views per image -> images
 
     @property
@@ -77,7 +77,7 @@ class Measurement:
         return self.views / self.images if self.images else float("nan")
 
     @property
-    def encoder_calls_per_step(self) -> float:
+    def view_sizes_per_step(self) -> float:
         return self.view_sizes / self.steps if self.steps else float("nan")
 
     @property
