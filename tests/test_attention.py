@@ -51,9 +51,12 @@ def test_flash_varlen_passes_arguments_the_torch_kernel_accepts(monkeypatch) -> 
     attention._varlen_options.cache_clear()
     q, kv = torch.zeros(6, 4, 8), torch.zeros(6, 2, 8)
     attention.flash_varlen(q, kv, kv, torch.tensor([0, 6], dtype=torch.int32), 6, 0.5)
-    attention._varlen_options.cache_clear()
     assert seen["scale"] == 0.5
     assert seen.get("window_size") == (-1, 0) or seen.get("is_causal") is True
+    seen.clear()  # the encoder's packed views: full attention inside each segment
+    attention.flash_varlen(q, kv, kv, torch.tensor([0, 6], dtype=torch.int32), 6, 0.5, causal=False)
+    attention._varlen_options.cache_clear()
+    assert seen.get("window_size") == (-1, -1) or seen.get("is_causal") is False
 
 
 def test_varlen_attention_gives_the_block_diagonal_sdpa_loss() -> None:

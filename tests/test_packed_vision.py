@@ -84,19 +84,21 @@ def test_only_plain_vits_pack() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_packed_views_go_through_the_flash_kernel_and_match_size_by_size() -> None:
+    from lit_mllm.models import attention
+
     calls = []
-    real = packed_vision.segment_flash
+    real = attention.flash_varlen
 
     def counting(*args, **kwargs):
-        calls.append(1)
+        calls.append(kwargs["causal"])
         return real(*args, **kwargs)
 
     encoder = _encoder({}, -2).cuda()
     encoder.model.to(torch.bfloat16)
     groups = [g.cuda() for g in _groups()]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(packed_vision, "segment_flash", counting)
+        patch.setattr(attention, "flash_varlen", counting)
         packed = encoder.forward_groups(groups)  # the default on CUDA in bf16: packed
-    assert len(calls) == 2  # the 2 blocks up to the penultimate, one kernel call each
+    assert calls == [False, False]  # the 2 blocks up to the penultimate, one call each, full
     for (expected, _), (got, _) in zip((encoder(g) for g in groups), packed, strict=True):
         torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)

@@ -49,16 +49,25 @@ def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def reference_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    scale: float,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Causal attention per segment on (T, H, D) tensors, GQA by head repetition: the CPU path."""
+    """Attention per segment on (T, H, D) tensors, GQA by head repetition: the CPU path.
+    Causal for the decoder's packed rows; ``causal=False`` for the encoder's packed views."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = torch.empty_like(q)
     bounds = cu.tolist()
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]
-        out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale).transpose(0, 1)
+        out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=causal, scale=scale).transpose(
+            0, 1
+        )
     return out
 
 
@@ -78,15 +87,21 @@ def _varlen_options() -> tuple[bool, bool]:
 
 
 def flash_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    scale: float,
+    causal: bool = True,
 ) -> torch.Tensor:
     """PyTorch's built-in flash-attention varlen kernel (torch.nn.attention.varlen)."""
     window, native_gqa = _varlen_options()
     kwargs: dict[str, Any] = {"scale": scale}
     if window:
-        kwargs["window_size"] = (-1, 0)  # causal
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
     else:
-        kwargs["is_causal"] = True
+        kwargs["is_causal"] = causal
     if q.shape[1] != k.shape[1]:
         if native_gqa:
             kwargs["enable_gqa"] = True

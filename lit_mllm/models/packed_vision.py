@@ -15,19 +15,16 @@ DINOv2-style, the tiny encoder) qualify; any other model runs size by size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from lit_mllm.models.attention import varlen_available
+from lit_mllm.models import attention
 
 __all__ = ["PackedViT", "can_pack"]
-
-SegmentAttention = Callable[[Tensor, Tensor, Tensor, Tensor, int, float], Tensor]
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -37,25 +34,6 @@ def can_pack(model: nn.Module) -> bool:
     if not getattr(model, "dynamic_img_size", False) or model.pos_embed.ndim != 3:
         return False
     return all(type(b) is Block and type(b.attn) is Attention for b in model.blocks)
-
-
-def segment_sdpa(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float) -> Tensor:
-    """Full (non-causal) attention inside each segment of (T, H, D) tensors: the CPU path."""
-    out = torch.empty_like(q)
-    bounds = cu.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]
-        out[a:b] = F.scaled_dot_product_attention(*seg, scale=scale).transpose(0, 1)
-    return out
-
-
-def segment_flash(
-    q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float
-) -> Tensor:
-    """PyTorch's flash-attention varlen kernel (CUDA, bf16/fp16), non-causal."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
 
 
 class PackedViT:
@@ -102,22 +80,21 @@ class PackedViT:
         return model.norm_pre(model.patch_drop(model.pos_drop(x))), (int(gh), int(gw))
 
     @staticmethod
-    def _attention(
-        attn: Attention, x: Tensor, cu: Tensor, max_len: int, kernel: SegmentAttention
-    ) -> Tensor:  # noqa: E501
+    def _attention(attn: Attention, x: Tensor, cu: Tensor, max_len: int, flash: bool) -> Tensor:
+        """timm's ``Attention.forward`` on packed (T, C) tokens, each view attending to itself
+        (the decoder's varlen kernels of ``models/attention.py``, not causal here)."""
         tokens = x.shape[0]
         gate = attn.gate(x).sigmoid() if attn.gate is not None else None
         q, k, v = attn.qkv(x).reshape(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        out = kernel(q, k, v, cu, max_len, attn.scale).reshape(tokens, attn.attn_dim)
-        out = attn.norm(out)
+        kernel = attention.flash_varlen if flash else attention.reference_varlen
+        out = kernel(q, k, v, cu, max_len, attn.scale, causal=False)
+        out = attn.norm(out.reshape(tokens, attn.attn_dim))
         if gate is not None:
             out = out * gate
         return attn.proj_drop(attn.proj(out))
 
-    def __call__(
-        self, groups: Sequence[Tensor], kernel: SegmentAttention | None = None
-    ) -> list[tuple[Tensor, tuple[int, int]]]:
+    def __call__(self, groups: Sequence[Tensor]) -> list[tuple[Tensor, tuple[int, int]]]:
         """Groups of equal-size views (n_g, 3, h_g, w_g) -> per group (n_g, T_g, C) tokens (prefix
         tokens included) and its patch grid, as the model gives them size by size."""
         if not groups:
@@ -125,13 +102,11 @@ class PackedViT:
         embedded = [self._embed(pixels) for pixels in groups]
         lengths = [t.shape[1] for t, _ in embedded for _ in range(t.shape[0])]
         x = torch.cat([t.flatten(0, 1) for t, _ in embedded])
-        if kernel is None:
-            fast = varlen_available(x.device) and x.dtype in (torch.bfloat16, torch.float16)
-            kernel = segment_flash if fast else segment_sdpa
+        flash = attention.varlen_available(x.device) and x.dtype in (torch.bfloat16, torch.float16)
         cu = torch.tensor([0, *lengths], device=x.device).cumsum(0).to(torch.int32)
         max_len = max(lengths)
         for block in self.model.blocks[: self.stop]:
-            x = x + block.ls1(self._attention(block.attn, block.norm1(x), cu, max_len, kernel))
+            x = x + block.ls1(self._attention(block.attn, block.norm1(x), cu, max_len, flash))
             x = x + block.ls2(block.mlp(block.norm2(x)))
         if self.final_norm:
             x = self.model.norm(x)
