@@ -108,13 +108,14 @@ def caption_batch(
     rows = slice(0, limit)
     pixel_values = batch.get("pixel_values")
     if limit is not None and limit < len(batch["prompt_ids"]):
-        # the kept rows' images are the first <im_patch> slots' features, in text order
-        if image_features is None and has_images(pixel_values):
-            image_features = model.image_features(pixel_values)
+        # the kept rows' images fill the first <im_patch> slots, in text order
+        kept_slots = int((batch["prompt_ids"][rows] == model.image_token_ids.patch).sum())
         if image_features is not None:
-            kept_slots = int((batch["prompt_ids"][rows] == model.image_token_ids.patch).sum())
             image_features = image_features[:kept_slots]
-        pixel_values = None
+        elif isinstance(pixel_values, Tensor):  # one block per image: encode the kept ones only
+            pixel_values = pixel_values[: kept_slots // model.num_image_tokens]
+        elif has_images(pixel_values):  # sliced: the views of all rows are grouped by size
+            image_features = model.image_features(pixel_values)[:kept_slots]
     generated = model.generate(
         pixel_values,
         batch["prompt_ids"][rows],

@@ -55,6 +55,7 @@ def sliced_items(module: MLLMModule, sizes: list[tuple[int, int]], max_length: i
         block = image_group(per_view, plan.grid)
         conversation = caption_conversation("Describe the image.", f"a picture {index}")
         tokenized = tokenize(conversation, image_blocks=[block], sample_id=str(index))
+        prompt = tokenize.generation_prompt(conversation, image_blocks=[block])
         items.append(
             {
                 "input_ids": tokenized.input_ids,
@@ -62,6 +63,7 @@ def sliced_items(module: MLLMModule, sizes: list[tuple[int, int]], max_length: i
                 "pixel_values": None,
                 "pixel_views": views if tokenized.num_images else [],
                 "sample_id": str(index),
+                "prompt_ids": prompt,
                 "plan": plan,
                 "per_view": per_view,
             }
@@ -349,3 +351,17 @@ def test_throughput_monitor_counts_the_flops_of_every_view() -> None:
     seconds = logged["perf/step_time_s"]
     tflops = logged["perf/model_tflops_per_device"]
     assert tflops * 1e12 * seconds == pytest.approx(expected, rel=1e-6)
+
+
+def test_captions_of_the_first_rows_of_a_sliced_batch_read_their_own_views() -> None:
+    """``caption(batch, limit)`` keeps the first rows' image groups (of different view counts)
+    out of views grouped by size across all rows: as if those rows were the whole batch."""
+    module = sliced_module("resampler")
+    items = sliced_items(module, [(96, 32), (32, 32), (100, 100), (40, 41)])
+    collate = MLLMCollator(module.tokenizer.pad_token_id)
+    batch, first_two = collate(items), collate(items[:2])
+    features = module.model.image_features(batch["pixel_values"])
+    with torch.no_grad():
+        limited = module.caption(batch, limit=2)
+        assert limited == module.caption(batch, 2, image_features=features)
+        assert limited == module.caption(first_two)
