@@ -57,24 +57,12 @@ class Trainee(ABC):
         grid. ``batch["view_patches"]``: (views, patches per view) for each view size (sliced
         rows); else one ``sizes.image_size`` image per sample."""
         groups = batch.get("view_patches") or [(batch["num_samples"], self.sizes.patches)]
-        text = step_flops(
+        return step_flops(
             self.spec,
-            num_images=0,
-            patches_per_image=0,
+            view_patches=[patches for count, patches in groups for _ in range(count)],
             sample_lengths=batch["lengths"],
             supervised_tokens=batch["supervised"],
         )
-        images = sum(
-            step_flops(
-                self.spec,
-                num_images=count,
-                patches_per_image=patches,
-                sample_lengths=(),
-                supervised_tokens=0,
-            )
-            for count, patches in groups
-        )
-        return text + images
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
