@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers import resample_abs_pos_embed
 
-from lit_mllm.models import packed_vision
+from lit_mllm.models import attention
 from lit_mllm.models.packed_vision import PackedViT, can_pack
 from lit_mllm.models.vision import VisionEncoder, create_backbone
 
@@ -47,28 +48,47 @@ def test_one_packed_pass_equals_each_size_on_its_own(kwargs: dict, feature_layer
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(alone, default, strict=True))
 
 
-def test_position_tables_are_resampled_once_per_grid_and_forgotten_with_new_weights() -> None:
-    encoder = _encoder({}, -1)
-    calls = []
-    real = packed_vision.resample_abs_pos_embed
+@pytest.mark.parametrize("kwargs", [{}, {"reg_tokens": 2, "no_embed_class": True}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_position_tables_equal_timms_bicubic_resampling(kwargs: dict, dtype: torch.dtype) -> None:
+    model = create_backbone("vit_tiny_patch16_224", {"img_size": 96, "depth": 1, **kwargs})
+    with torch.no_grad():
+        model.pos_embed.normal_()
+    model.to(dtype)
+    packed = PackedViT(model, 1, True)
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    for grid in [(6, 6), (1, 1), (2, 9), (9, 2), (13, 4), (12, 12), (3, 17)]:  # 6x6 trained
+        expected = resample_abs_pos_embed(
+            model.pos_embed, new_size=list(grid), old_size=[6, 6], num_prefix_tokens=prefix
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as in training: still float32 math
+            got = packed._table(grid)
+        assert got.dtype == dtype and got.shape == expected.shape
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs["new_size"])
-        return real(*args, **kwargs)
 
+def test_under_autocast_the_kernel_follows_the_dtype_of_q_not_of_the_normed_stream() -> None:
+    """CUDA autocast runs LayerNorm in float32, so the stream between blocks is float32 while q
+    is bf16: the flash kernel must still be chosen (it was not, and an H200 ran one float32
+    SDPA per view). CPU autocast keeps LayerNorm in bf16, so float32 weights stand in here."""
+    encoder = _encoder({"class_token": False, "global_pool": "avg", "pre_norm": True}, -2)
     groups = _groups()
+    chosen = []
+
+    def recording_flash(q, k, v, cu, max_len, scale, causal=True):
+        chosen.append(q.dtype)
+        return attention.reference_varlen(q, k, v, cu, max_len, scale, causal=causal)
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(packed_vision, "resample_abs_pos_embed", counting)
-        encoder.forward_groups(groups, pack=True)
-        encoder.forward_groups(groups, pack=True)
-        assert sorted(map(tuple, calls)) == [(2, 7), (3, 5), (4, 4), (5, 1)]  # once per grid
-        state = {k: v.clone() for k, v in encoder.state_dict().items()}
-        state["model.pos_embed"] = torch.randn_like(state["model.pos_embed"])
-        encoder.load_state_dict(state)
-        after = encoder.forward_groups(groups, pack=True)
-        assert len(calls) == 8  # resampled again from the new table
-    for (expected, _), (got, _) in zip((encoder(g) for g in groups), after, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        patch.setattr(attention, "varlen_available", lambda device: True)
+        patch.setattr(attention, "flash_varlen", recording_flash)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            packed = encoder.forward_groups(groups, pack=True)
+            alone = [encoder(g) for g in groups]
+    assert chosen == [torch.bfloat16, torch.bfloat16]  # both blocks up to the penultimate
+    for (expected, _), (got, _) in zip(alone, packed, strict=True):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
 
 
 def test_only_plain_vits_pack() -> None:
@@ -84,8 +104,6 @@ def test_only_plain_vits_pack() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_packed_views_go_through_the_flash_kernel_and_match_size_by_size() -> None:
-    from lit_mllm.models import attention
-
     calls = []
     real = attention.flash_varlen
 
@@ -93,12 +111,14 @@ def test_cuda_bf16_packed_views_go_through_the_flash_kernel_and_match_size_by_si
         calls.append(kwargs["causal"])
         return real(*args, **kwargs)
 
-    encoder = _encoder({}, -2).cuda()
+    # CLIP-style pre-norm under autocast, as a training step runs it (LayerNorms in float32)
+    encoder = _encoder({"class_token": False, "global_pool": "avg", "pre_norm": True}, -2).cuda()
     encoder.model.to(torch.bfloat16)
     groups = [g.cuda() for g in _groups()]
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, torch.autocast("cuda", dtype=torch.bfloat16):
         patch.setattr(attention, "flash_varlen", counting)
         packed = encoder.forward_groups(groups)  # the default on CUDA in bf16: packed
+        alone = [encoder(g) for g in groups]
     assert calls == [False, False]  # the 2 blocks up to the penultimate, one call each, full
-    for (expected, _), (got, _) in zip((encoder(g) for g in groups), packed, strict=True):
+    for (expected, _), (got, _) in zip(alone, packed, strict=True):
         torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)

@@ -68,12 +68,6 @@ def image_data_config(model: nn.Module) -> dict[str, Any]:
     return cfg
 
 
-def _forget_position_tables(encoder: VisionEncoder, _incompatible: Any) -> None:
-    """New weights: the packed path's resampled position tables are stale."""
-    if encoder.packed is not None:
-        encoder.packed.clear()
-
-
 class VisionEncoder(nn.Module):
     """Frozen timm backbone: ``forward(pixels) -> (patch tokens (B, P, D), (gh, gw))``.
 
@@ -129,7 +123,6 @@ class VisionEncoder(nn.Module):
             depth = len(self.model.blocks)
             stop = depth if self.feature_layer == -1 else self.feature_layer % depth + 1
             self.packed = PackedViT(self.model, stop, final_norm=self.feature_layer == -1)
-            self.register_load_state_dict_post_hook(_forget_position_tables)
 
     def _set_sincos_pos_embed(self) -> None:
         from lit_mllm.models.resampler import sincos_pos_embed_2d
