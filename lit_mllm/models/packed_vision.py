@@ -1,15 +1,12 @@
 """Every view of a batch through a timm ViT in one pass, as one packed sequence (NaViT-style).
 
 Sliced images give a batch many view sizes (26 distinct ones in a step of 32 COCO-like images).
-Run size by size, the encoder launches its ~300 kernels once per size and timm resamples its
-position table once per size and step (a bicubic interpolation each time), which left an H200
-idle for half of a training step. Here the patch embeddings of all views are laid end to end and
+Run size by size, the encoder launches its ~300 kernels once per size, which left an H200 idle
+for half of a training step. Here the patch embeddings of all views are laid end to end and
 every block runs once over them; attention stays inside each view through the varlen flash
-kernel on CUDA (per view with SDPA elsewhere). Each view's position table is timm's bicubic
-resampling written as two small matrix products (the interpolation is separable and linear), so
-the many grids of sliced images (each thumbnail has its own) cost no interpolation kernels: the
-bicubic kernel took 7 ms a grid on an H200, 175 ms of a 32-image step. The result equals running each size on its own through
-timm, which the tests check.
+kernel on CUDA (per view with SDPA elsewhere). Each view's position table is timm's resampling
+(``grid_resize``: no interpolation kernel per grid). The result equals running each size on its
+own through timm, which the tests check.
 
 Only plain timm ViTs (``VisionTransformer`` made of ``Block`` / ``Attention``: CLIP, SigLIP,
 DINOv2-style, the tiny encoder) qualify; any other model runs size by size.
@@ -20,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from lit_mllm.models import attention
+from lit_mllm.models.grid_resize import resize_grid
 
 __all__ = ["PackedViT", "can_pack"]
 
@@ -50,38 +47,17 @@ class PackedViT:
         if not can_pack(model):
             raise ValueError(f"{type(model).__name__} is not a plain timm ViT; it cannot pack")
         self.model, self.stop, self.final_norm = model, stop, final_norm
-        self._axis_weights: dict[tuple[int, int, torch.device], Tensor] = {}
-
-    def _axis(self, old: int, new: int, device: torch.device) -> Tensor:
-        """(new, old) weights of timm's 1-D bicubic (antialiased) resampling: the interpolation
-        of each unit vector. Depends on the two lengths only, so it is kept."""
-        key = (old, new, device)
-        if key not in self._axis_weights:
-            # channel i holds e_i down the height; two equal columns, as the antialiased kernel
-            # weights a width of one differently (torch 2.x)
-            units = torch.eye(old, device=device).reshape(1, old, old, 1).expand(-1, -1, -1, 2)
-            out = F.interpolate(units, size=(new, 2), mode="bicubic", antialias=True)
-            self._axis_weights[key] = out[0, :, :, 0].T.contiguous()
-        return self._axis_weights[key]
 
     def _table(self, grid: tuple[int, int]) -> Tensor:
-        """The position table at ``grid`` as timm's ``resample_abs_pos_embed`` gives it (float32
-        arithmetic, prefix rows kept), from two per-axis weight matrices."""
+        """The position table at ``grid`` as timm's ``resample_abs_pos_embed`` gives it
+        (antialiased bicubic in float32, prefix rows kept)."""
         table = self.model.pos_embed
-        old_h, old_w = (int(s) for s in self.model.patch_embed.grid_size)
-        prefix = 0 if self.model.no_embed_class else self.model.num_prefix_tokens
-        if tuple(grid) == (old_h, old_w):
+        old = tuple(int(s) for s in self.model.patch_embed.grid_size)
+        if tuple(grid) == old:
             return table
-        patches = table[0, prefix:].float().reshape(old_h, old_w, -1)
-        rows, cols = (
-            self._axis(old_h, grid[0], table.device),
-            self._axis(old_w, grid[1], table.device),
-        )
-        with torch.autocast(table.device.type, enabled=False):  # float32, as timm's
-            resampled = torch.einsum("hi,ijc->hjc", rows, patches)
-            resampled = torch.einsum("wj,hjc->hwc", cols, resampled)
-        resampled = resampled.reshape(1, grid[0] * grid[1], -1)
-        return torch.cat([table[:, :prefix], resampled.to(table.dtype)], dim=1)
+        prefix = 0 if self.model.no_embed_class else self.model.num_prefix_tokens
+        resampled = resize_grid(table[0, prefix:], old, tuple(grid), antialias=True)
+        return torch.cat([table[:, :prefix], resampled.unsqueeze(0)], dim=1)
 
     def _embed(self, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """(n, 3, h, w) -> (n, prefix + gh*gw, C) block inputs, as timm's ``_pos_embed`` makes them."""

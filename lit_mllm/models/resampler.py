@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_mllm.models.grid_resize import resize_grid
+
 __all__ = ["Resampler", "sincos_pos_embed_1d", "sincos_pos_embed_2d", "resize_pos_embed"]
 
 
@@ -66,14 +68,9 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int] | int) -> Tensor:
 
 
 def resize_pos_embed(table: Tensor, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
-    """Bicubically resize a (src_h * src_w, D) table to (dst_h * dst_w, D) (align_corners=False)."""
-    if tuple(src) == tuple(dst):
-        return table
-    dim = table.shape[-1]
-    work = table if table.dtype in (torch.float32, torch.float64) else table.float()
-    img = work.reshape(1, src[0], src[1], dim).permute(0, 3, 1, 2)
-    img = F.interpolate(img, size=tuple(dst), mode="bicubic", align_corners=False)
-    return img.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], dim).to(table.dtype)
+    """Bicubically resize a (src_h * src_w, D) table to (dst_h * dst_w, D) (align_corners=False,
+    no antialiasing: OmniLMM's ``get_abs_pos``), as two matrix products (``grid_resize``)."""
+    return resize_grid(table, tuple(src), tuple(dst), antialias=False)
 
 
 class _CrossAttention(nn.Module):
