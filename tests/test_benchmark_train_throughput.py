@@ -358,11 +358,15 @@ def test_tiny_sliced_rows_report_packed_vs_padded(tmp_path: Path) -> None:
     assert "- 0.5b: packed / padded = " in text and "real tok/s = **" in text
     assert "- 0.5b: MFU sliced packed / unsliced resampler = " in text
     assert "- 0.5b resampler-sliced: views per image over its 8 timed images" in text
+    assert "- 0.5b resampler-sliced: step times (ms) min " in text
     assert "Sliced rows: the resampler row's model with image_slicing(max_slices=9" in text
 
     raw = json.loads(out.with_suffix(".json").read_text())
     by_row = {r["row"]: r for r in raw["rows"]}
     assert by_row["resampler"]["views"] == by_row["resampler"]["images"] == 8
+    for row in by_row.values():  # one time per timed step, adding up to the row's wall time
+        assert len(row["step_times_ms"]) == row["steps"]
+        assert sum(row["step_times_ms"]) == pytest.approx(1000 * row["seconds"], rel=0.05)
     hist = by_row["resampler-sliced"]["view_hist"]
     assert sum(hist.values()) == 8 and by_row["resampler-sliced"]["views"] == sum(
         int(views) * count for views, count in hist.items()

@@ -6,6 +6,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from benchmarks.train_throughput.device import (
     failure_status,
     free_memory,
@@ -43,6 +45,7 @@ class Measurement:
     image_slots: int = 0  # <im_patch> tokens (= image feature rows) over the timed steps
     view_sizes: int = 0  # distinct view sizes summed over the timed steps
     view_hist: dict[int, int] = field(default_factory=dict)  # views per image -> images
+    step_times_ms: list[float] = field(default_factory=list)  # each timed step, in order
 
     @property
     def ok(self) -> bool:
@@ -91,6 +94,22 @@ class Measurement:
         return 100.0 * self.flops / self.seconds / peak if self.ok else float("nan")
 
 
+class StepMark:
+    """A point between two steps: a CUDA event (no sync, so the steps still overlap the host's
+    work) or the host clock on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        if self.event is not None:
+            self.event.record()
+        self.clock = time.perf_counter()
+
+    def ms_until(self, later: StepMark) -> float:
+        if self.event is not None and later.event is not None:
+            return float(self.event.elapsed_time(later.event))
+        return 1000 * (later.clock - self.clock)
+
+
 def measure(
     trainee: Trainee,
     stream: SampleStream,
@@ -123,10 +142,13 @@ def measure(
         free_memory(device)
         reset_peak(device)
         start = time.perf_counter()
+        marks = [StepMark(device)]
         for batch in timed:
             trainee.step(batch)
+            marks.append(StepMark(device))
         sync(device)
         result.seconds = time.perf_counter() - start
+        result.step_times_ms = [a.ms_until(b) for a, b in zip(marks, marks[1:], strict=False)]
     except Exception as error:  # OOM or a failing kernel/compile: recorded, run continues
         failure = failure_status(error)
     if failure is not None:  # outside the except: the traceback's tensors are released

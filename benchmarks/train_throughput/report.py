@@ -169,6 +169,13 @@ def _sliced_table(finals: Sequence[Measurement], peak: float) -> list[str]:
                     f"- {decoder} {m.row}: views per image over its {m.images} timed images "
                     f"(views: images): {hist}"
                 )
+                if m.step_times_ms:
+                    times = sorted(m.step_times_ms)
+                    lines.append(
+                        f"- {decoder} {m.row}: step times (ms) min {times[0]:.0f}, median "
+                        f"{times[len(times) // 2]:.0f}, max {times[-1]:.0f}; in order: "
+                        + ", ".join(f"{t:.0f}" for t in m.step_times_ms)
+                    )
     return lines
 
 
