@@ -6,18 +6,22 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.options import OnBadSample
-from lit_mllm.data.records import SampleStore
+from lit_mllm.data.records import Sample, SampleStore
 from lit_mllm.data.slicing import SlicedImageTransform, SlicePlan
 from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, load_rgb_image
 from lit_mllm.data.turns import ConversationError, image_group
 
 
-class MLLMDataset(Dataset):
-    """Lazily decodes images and tokenises conversations of a ``SampleStore``.
+class SampleProcessor:
+    """One :class:`Sample` -> a training item: decoded images + token ids with labels.
+
+    Shared by the map-style :class:`MLLMDataset` and the streamed datasets
+    (:mod:`lit_mllm.data.streaming`), so both count and report bad samples the same way.
 
     A sample that cannot be used comes back as ``{"skipped": reason}`` under
     ``on_bad_sample="skip"``; the collator counts those per batch so that counts survive
@@ -34,7 +38,6 @@ class MLLMDataset(Dataset):
 
     def __init__(
         self,
-        samples: SampleStore,
         tokenize: ConversationTokenizer,
         transform: Callable[[Any], torch.Tensor],
         *,
@@ -46,35 +49,29 @@ class MLLMDataset(Dataset):
     ) -> None:
         self.slicer = slicer
         self.tokens_per_view = tokens_per_view
-        self.samples = samples
         self.tokenize = tokenize
         self.transform = transform
         self.with_prompts = with_prompts
         self.on_bad_sample = on_bad_sample
         self.max_image_pixels = max_image_pixels
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def _image(self, sample: Sample, k: int) -> Image.Image:
+        """Image ``k`` of the sample: from its file, or from the bytes a shard carried."""
+        data = sample.image_bytes[k] if sample.image_bytes else None
+        return load_rgb_image(sample.image_paths[k], max_pixels=self.max_image_pixels, data=data)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.samples[index]
+    def __call__(self, sample: Sample, source: str) -> dict[str, Any]:
+        """``source`` names where the sample came from in error messages."""
         blocks = views = None
+        count = len(sample.image_paths)
         try:
             if self.slicer is None:
                 tokenized = self.tokenize(
-                    sample.conversation,
-                    num_images=len(sample.image_paths),
-                    sample_id=sample.sample_id,
+                    sample.conversation, num_images=count, sample_id=sample.sample_id
                 )
-                images = [
-                    self.transform(load_rgb_image(p, max_pixels=self.max_image_pixels))
-                    for p in sample.image_paths
-                ]
+                images = [self.transform(self._image(sample, k)) for k in range(count)]
             else:
-                sliced = [
-                    self.slicer(load_rgb_image(p, max_pixels=self.max_image_pixels))
-                    for p in sample.image_paths
-                ]
+                sliced = [self.slicer(self._image(sample, k)) for k in range(count)]
                 blocks = [image_group(self.view_tokens(plan), plan.grid) for plan, _ in sliced]
                 views = [image_views for _, image_views in sliced]
                 tokenized = self.tokenize(
@@ -90,16 +87,14 @@ class MLLMDataset(Dataset):
                     ". Raise data.max_length, or set data.on_bad_sample: skip to drop such "
                     "samples (they are counted)"
                 )
-            raise ConversationError(
-                f"{self.samples.source}: {error}{hint}", error.reason
-            ) from error
+            raise ConversationError(f"{source}: {error}{hint}", error.reason) from error
         except BadImageError as error:
             if self.on_bad_sample == "skip":
                 return {"skipped": error.reason, "sample_id": sample.sample_id}
             raise BadImageError(
                 error.path,
                 error.reason,
-                f"{error.detail} (sample {sample.sample_id} of {self.samples.source})",
+                f"{error.detail} (sample {sample.sample_id} of {source})",
             ) from error
         images = images[: tokenized.num_images]  # truncation may have cut whole image blocks
         item: dict[str, Any] = {
@@ -129,3 +124,24 @@ class MLLMDataset(Dataset):
             return [self.tokens_per_view] * len(plan.view_sizes)
         unit = self.slicer.slicing.patch_size  # type: ignore[union-attr]
         return [(width // unit) * (height // unit) for width, height in plan.view_sizes]
+
+
+class MLLMDataset(Dataset):
+    """A ``SampleStore`` read lazily: images decoded and conversations tokenised per index by a
+    :class:`SampleProcessor` (the keyword arguments are its own)."""
+
+    def __init__(
+        self,
+        samples: SampleStore,
+        tokenize: ConversationTokenizer,
+        transform: Callable[[Any], torch.Tensor],
+        **options: Any,
+    ) -> None:
+        self.samples = samples
+        self.processor = SampleProcessor(tokenize, transform, **options)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.processor(self.samples[index], self.samples.source)

@@ -32,6 +32,9 @@ class Sample:
     conversation: tuple[dict, ...]
     image_id: int | str | None = None
     references: tuple[str, ...] = field(default=())
+    # the encoded images themselves when a shard carried them (``image_paths`` then only name
+    # them in messages); empty: read each image from its path
+    image_bytes: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def caption_conversation(prompt: str, caption: str) -> tuple[dict, dict]:

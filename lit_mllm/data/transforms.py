@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ class BadImageError(ValueError):
 def load_rgb_image(
     path: str,
     *,
+    data: bytes | None = None,
     min_side: int = 2,
     max_aspect_ratio: float = 50.0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -36,9 +38,11 @@ def load_rgb_image(
     costs nothing. PIL's own bomb check (an error at twice its process-wide limit, a warning
     above it that ``-W error`` turns into an exception) is reported under the same reason, and
     the decoded size is checked again for formats whose pixels differ from their header.
+
+    ``data``: the encoded file itself (from a shard); ``path`` then only names it.
     """
     try:
-        with Image.open(path) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             _check_pixels(path, image.size, max_pixels)
             image.load()
             _check_pixels(path, image.size, max_pixels)
