@@ -28,7 +28,7 @@ from micro import MICRO_MODEL
 
 from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.datamodule import MLLMDataModule, SplitSource
-from lit_mllm.data.dataset import MLLMDataset
+from lit_mllm.data.dataset import MLLMDataset, SampleProcessor
 from lit_mllm.data.readers import BadSampleError, MissingImageError, load_llava
 from lit_mllm.data.sampler import ResumableSampler
 from lit_mllm.data.synthetic import generate_synthetic_dataset
@@ -211,12 +211,16 @@ def test_fault_found_when_building_the_sample(
     store = load_llava(corpus_dir / CORPUS_NAME, corpus_dir / "images", on_bad_sample="skip")
     assert store.skipped == {}  # nothing wrong with the record itself
     transform = build_image_transform(DATA_CONFIG)
-    skipping = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="skip")
+    skipping = MLLMDataset(
+        store, SampleProcessor(conversation_tokenizer, transform, on_bad_sample="skip")
+    )
     items = [skipping[i] for i in range(len(store))]
     assert Counter(item["skipped"] for item in items if "skipped" in item) == {reason: count}
     assert sorted(i["sample_id"] for i in items if "skipped" not in i) == truth["good_ids"]
 
-    strict = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="error")
+    strict = MLLMDataset(
+        store, SampleProcessor(conversation_tokenizer, transform, on_bad_sample="error")
+    )
     bad = [i for i in range(len(store)) if store[i].sample_id.startswith(f"{kind}-")]
     assert len(bad) == count
     with pytest.raises((ConversationError, BadImageError)) as info:
@@ -416,10 +420,14 @@ def test_bomb_in_a_dataset_is_counted_or_named(tmp_path, synthetic, conversation
     path.write_text(json.dumps(records))
     store = load_llava(path, root)
     transform = build_image_transform(DATA_CONFIG)
-    skipping = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="skip")
+    skipping = MLLMDataset(
+        store, SampleProcessor(conversation_tokenizer, transform, on_bad_sample="skip")
+    )
     assert "skipped" not in skipping[0]
     assert skipping[1] == {"skipped": "image_too_large", "sample_id": "bomb-1"}
-    strict = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="error")
+    strict = MLLMDataset(
+        store, SampleProcessor(conversation_tokenizer, transform, on_bad_sample="error")
+    )
     with pytest.raises(BadImageError) as info:
         strict[1]
     message = str(info.value)
@@ -428,7 +436,10 @@ def test_bomb_in_a_dataset_is_counted_or_named(tmp_path, synthetic, conversation
     assert "12000x12000" in message
     # the limit is a DataModule option and reaches the dataset
     small = MLLMDataset(
-        store, conversation_tokenizer, transform, on_bad_sample="skip", max_image_pixels=100
+        store,
+        SampleProcessor(
+            conversation_tokenizer, transform, on_bad_sample="skip", max_image_pixels=100
+        ),
     )
     assert small[0] == {"skipped": "image_too_large", "sample_id": "ok"}
 
@@ -451,10 +462,14 @@ def test_reply_truncated_away_is_an_error_or_counted(
     path.write_text(json.dumps(records))
     store = load_llava(path, root)
     transform = build_image_transform(DATA_CONFIG)
-    skipping = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="skip")
+    skipping = MLLMDataset(
+        store, SampleProcessor(conversation_tokenizer, transform, on_bad_sample="skip")
+    )
     assert "skipped" not in skipping[0]
     assert skipping[1] == {"skipped": "no_supervised_tokens", "sample_id": "long-7"}
-    strict = MLLMDataset(store, conversation_tokenizer, transform, on_bad_sample="error")
+    strict = MLLMDataset(
+        store, SampleProcessor(conversation_tokenizer, transform, on_bad_sample="error")
+    )
     assert "skipped" not in strict[0]
     with pytest.raises(ConversationError) as info:
         strict[1]

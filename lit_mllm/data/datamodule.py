@@ -15,12 +15,13 @@ from torch.utils.data import DataLoader, Subset
 
 from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
-from lit_mllm.data.dataset import MLLMDataset
+from lit_mllm.data.dataset import MLLMDataset, SampleProcessor
 from lit_mllm.data.options import CropMode, OnBadSample, check_int
 from lit_mllm.data.readers import DEFAULT_CAPTION_PROMPT, load_source
 from lit_mllm.data.records import SampleStore, caption_conversation
 from lit_mllm.data.sampler import ResumableSampler
 from lit_mllm.data.slicing import ImageSlicing, SlicedImageTransform
+from lit_mllm.data.streaming.source import StreamSource
 from lit_mllm.data.synthetic.settings import SyntheticSettings
 from lit_mllm.data.synthetic.writer import ensure_written
 from lit_mllm.data.tokenizer import load_tokenizer
@@ -47,6 +48,21 @@ class SplitSource:
 
 # The name configs, notebooks and scripts know ``data.synthetic``'s type by.
 SyntheticData = SyntheticSettings
+# A split: one annotation file, or shard folders streamed with LitData (several mix by weight).
+Source = SplitSource | StreamSource | list[StreamSource]
+
+
+def as_streams(source: Source | None) -> list[StreamSource] | None:
+    """The stream list of a streamed split; None for a file or no source."""
+    if isinstance(source, StreamSource):
+        return [source]
+    if isinstance(source, list):
+        if not source or not all(isinstance(s, StreamSource) for s in source):
+            raise ValueError(
+                f"a list source must hold streams ({{kind: stream, dir: ...}}), got {source!r}"
+            )
+        return source
+    return None
 
 
 def synthetic_source(settings: SyntheticSettings, stage: Stage) -> SplitSource:
@@ -72,10 +88,10 @@ class MLLMDataModule(L.LightningDataModule):
     def __init__(
         self,
         synthetic: SyntheticSettings | None = None,
-        train: SplitSource | None = None,
-        val: SplitSource | None = None,
-        test: SplitSource | None = None,
-        predict: SplitSource | None = None,
+        train: Source | None = None,
+        val: Source | None = None,
+        test: Source | None = None,
+        predict: Source | None = None,
         caption_prompt: str = DEFAULT_CAPTION_PROMPT,
         one_sample_per_caption: bool = True,
         system_prompt: str | None = None,
@@ -108,6 +124,12 @@ class MLLMDataModule(L.LightningDataModule):
         ``center``, which cuts off the ends of a wide image). Views of sliced images are
         resized to their planned sizes and never cropped.
 
+        ``train`` / ``val`` / ``test`` / ``predict``: an annotation file (``SplitSource``), or
+        shard folders written by ``lit-mllm-data shard`` and streamed with LitData
+        (``{kind: stream, dir: ..., weight: ...}``, or a list of them mixed by weight; see
+        :mod:`lit_mllm.data.streaming`). Streamed training data resumes mid-epoch from the
+        loader state Lightning keeps in every checkpoint.
+
         ``image_slicing``: read each image at its own resolution as a thumbnail + slices
         (MiniCPM-V; :mod:`lit_mllm.data.slicing`), or null for one view at the encoder's input
         size. The model is told (the CLI links it to ``model.image_slicing``). With slicing,
@@ -139,7 +161,7 @@ class MLLMDataModule(L.LightningDataModule):
         if synthetic is not None:
             synthetic.check("data.synthetic.")
         self.synthetic = synthetic
-        self.sources: dict[Stage, SplitSource | None] = {
+        self.sources: dict[Stage, Source | None] = {
             stage: given or (synthetic_source(synthetic, stage) if synthetic else None)
             for stage, given in (
                 ("train", train),
@@ -170,12 +192,14 @@ class MLLMDataModule(L.LightningDataModule):
         self.max_image_pixels = max_image_pixels
         self.image_slicing = image_slicing
         self.tokens_per_view = tokens_per_view
-        self.datasets: dict[Stage, MLLMDataset] = {}
+        self.datasets: dict[Stage, Any] = {}  # MLLMDataset, or a LitData streaming dataset
         # records left out while reading each stage's file, by reason: a val report must not
         # show the train file's faults
         self.skipped_at_load: dict[Stage, Counter[str]] = {stage: Counter() for stage in STAGES}
         self.train_sampler: ResumableSampler | None = None
         self._sampler_state: dict[str, Any] | None = None  # from a checkpoint, until the loader
+        self.train_stream_loader: Any = None  # a StreamLoader for streamed training data
+        self._stream_state: dict[str, Any] | None = None  # its position, until it exists
 
     # -- preparation -----------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -210,7 +234,7 @@ class MLLMDataModule(L.LightningDataModule):
 
     def load_samples(self, stage: Stage) -> SampleStore | None:
         source = self.sources[stage]
-        if source is None:
+        if source is None or as_streams(source) is not None:
             return None
         options: dict[str, Any] = {"on_bad_sample": self.on_bad_sample, "cache_dir": self.cache_dir}
         if source.kind != "llava":
@@ -278,11 +302,13 @@ class MLLMDataModule(L.LightningDataModule):
         for split in wanted[stage]:
             if split in self.datasets:
                 continue
+            streams = as_streams(self.sources[split])
             samples = self.load_samples(split)
-            if samples is None:
+            if samples is None and streams is None:
                 continue
             tokenize = tokenize or self._conversation_tokenizer()
-            self._check_max_length(split, samples, tokenize)
+            if samples is not None:
+                self._check_max_length(split, samples, tokenize)
             transform = build_image_transform(
                 data_config,
                 train=split == "train",
@@ -293,8 +319,7 @@ class MLLMDataModule(L.LightningDataModule):
             slicer = None
             if self.image_slicing is not None:
                 slicer = SlicedImageTransform(data_config, self.image_slicing)
-            self.datasets[split] = MLLMDataset(
-                samples,
+            processor = SampleProcessor(
                 tokenize,
                 transform,
                 with_prompts=split != "train",
@@ -303,8 +328,31 @@ class MLLMDataModule(L.LightningDataModule):
                 slicer=slicer,
                 tokens_per_view=self.tokens_per_view,
             )
+            if streams is not None:
+                self.datasets[split] = self._streams(split, streams, processor)
+            else:
+                self.datasets[split] = MLLMDataset(samples, processor)
         if tokenize is not None:
             self.pad_token_id = tokenize.tokenizer.pad_token_id
+
+    def _streams(self, split: Stage, streams: list[StreamSource], processor: Any) -> Any:
+        from lit_mllm.data.streaming.dataset import build_streams, shard_time_skips
+
+        if split == "val" and self.val_limit is not None:
+            raise ValueError(
+                "data.val_limit cuts map-style val data; for a streamed val split use "
+                "trainer.limit_val_batches"
+            )
+        self.skipped_at_load[split] = Counter(shard_time_skips(streams))
+        return build_streams(
+            streams,
+            processor,
+            caption_prompt=self.caption_prompt,
+            on_bad_sample=self.on_bad_sample,
+            train=split == "train",
+            seed=self.seed,
+            cache_dir=self.cache_dir,
+        )
 
     # -- loaders ---------------------------------------------------------------------------------
     def _loader(self, split: Stage, *, shuffle: bool, batch_size: int) -> DataLoader:
@@ -313,6 +361,26 @@ class MLLMDataModule(L.LightningDataModule):
                 f"no {split} data configured: set `data.{split}` (or `data.synthetic`) in the config"
             )
         dataset: Any = self.datasets[split]
+        collate = MLLMCollator(self.pad_token_id, packing=self.packing and split == "train")
+        if as_streams(self.sources[split]) is not None:
+            from lit_mllm.data.streaming.dataset import StreamLoader
+
+            # LitData splits the chunks over ranks and workers, shuffles per epoch and keeps
+            # the position (its state_dict, in every checkpoint through this DataModule's)
+            loader = StreamLoader(
+                dataset,
+                batch_size=batch_size,
+                num_workers=self.num_workers,
+                collate_fn=collate,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=self.num_workers > 0,
+            )
+            if split == "train":
+                if self._stream_state is not None:
+                    loader.load_state_dict(self._stream_state)
+                    self._stream_state = None
+                self.train_stream_loader = loader
+            return loader
         if split == "val" and self.val_limit is not None:
             dataset = Subset(dataset, range(min(self.val_limit, len(dataset))))
         sampler = self._train_sampler(len(dataset)) if split == "train" else None
@@ -326,7 +394,7 @@ class MLLMDataModule(L.LightningDataModule):
             shuffle=None if sampler is not None else shuffle,
             generator=generator if shuffle or sampler is not None else None,
             num_workers=self.num_workers,
-            collate_fn=MLLMCollator(self.pad_token_id, packing=self.packing and split == "train"),
+            collate_fn=collate,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             worker_init_fn=partial(_seed_worker, self.seed) if self.num_workers > 0 else None,
@@ -362,6 +430,10 @@ class MLLMDataModule(L.LightningDataModule):
         Consumed samples are counted from the training loop (batches *processed* in this epoch),
         not from the sampler: DataLoader workers prefetch ahead of training.
         """
+        if self.train_stream_loader is not None:  # LitData counts what it handed out
+            return {"train_stream": self.train_stream_loader.state_dict()}
+        if self._stream_state is not None:
+            return {"train_stream": self._stream_state}
         if self.train_sampler is None:
             return {"train_sampler": self._sampler_state} if self._sampler_state else {}
         trainer = self.trainer
@@ -372,6 +444,16 @@ class MLLMDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the training data order at the exact next batch of the saved epoch."""
+        stream = state_dict.get("train_stream")
+        if stream is not None:
+            warnings.filterwarnings(
+                "ignore", message=r"You're resuming from a checkpoint that ended"
+            )
+            if self.train_stream_loader is not None:
+                self.train_stream_loader.load_state_dict(stream)
+            else:
+                self._stream_state = dict(stream)
+            return
         state = state_dict.get("train_sampler")
         if state is None:
             return

@@ -127,18 +127,10 @@ class SampleProcessor:
 
 
 class MLLMDataset(Dataset):
-    """A ``SampleStore`` read lazily: images decoded and conversations tokenised per index by a
-    :class:`SampleProcessor` (the keyword arguments are its own)."""
+    """A ``SampleStore`` read lazily: images decoded and conversations tokenised per index."""
 
-    def __init__(
-        self,
-        samples: SampleStore,
-        tokenize: ConversationTokenizer,
-        transform: Callable[[Any], torch.Tensor],
-        **options: Any,
-    ) -> None:
-        self.samples = samples
-        self.processor = SampleProcessor(tokenize, transform, **options)
+    def __init__(self, samples: SampleStore, processor: SampleProcessor) -> None:
+        self.samples, self.processor = samples, processor
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -56,7 +56,7 @@ def load_llava(
                     raise InvalidRecord(
                         "duplicate_id", f"sample id {sid!r} is used by both {kept[sid]} and {where}"
                     )
-                turns = _llava_turns(obj)
+                turns = llava_turns(obj)
                 rel = [resolve(name) for name in _llava_images(obj)]
             except InvalidRecord as e:
                 col.bad(where, sid, e)
@@ -94,7 +94,7 @@ def _iter_llava(path: str, col: Collector) -> Iterator[tuple[str, str, Any]]:
         yield f"record {i}", f"{name}:{i}", obj
 
 
-def _llava_turns(obj: dict) -> list[dict]:
+def llava_turns(obj: dict) -> list[dict]:
     """The record's turns, each with a string role and text under one of the two spellings."""
     key = "conversations" if "conversations" in obj else "messages"
     turns = require(obj, key, list, "the list of turns") if key in obj else None

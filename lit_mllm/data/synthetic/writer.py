@@ -8,6 +8,7 @@ manifest records the content settings; a folder whose manifest matches is not wr
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import multiprocessing
@@ -18,6 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from lit_mllm.data.synthetic.language import NUM_CAPTIONS, make_captions, make_conversation
 from lit_mllm.data.synthetic.scene import (
@@ -45,24 +48,41 @@ class _Job:
     image_id: int
 
 
-def _render_one(job: _Job) -> dict[str, Any]:
-    s = job.settings
-    # make_sample's steps, with the canvas: the same random numbers in the same order
-    rng = image_rng(s.seed, job.split, job.index)
+def render_sample(
+    settings: SyntheticSettings, split: str, index: int
+) -> tuple[Image.Image, dict[str, Any], list[str], list[dict[str, str]]]:
+    """Image ``index`` of ``split``: (image, scene, 5 captions, conversation). It depends only on
+    ``(seed, split, index)`` and the content settings (make_sample's steps, with the canvas: the
+    same random numbers in the same order)."""
+    s = settings
+    rng = image_rng(s.seed, split, index)
     scene = sample_scene(rng, s.image_size, s.max_shapes, s.jitter, canvas=s.canvas)
     captions = make_captions(scene, rng)
     conv = make_conversation(scene, captions, rng)
-    img = draw_scene(scene, rng)
+    return draw_scene(scene, rng), scene.to_dict(), captions, conv
+
+
+def encode_image(image: Image.Image, image_format: str) -> bytes:
+    """The file bytes the set stores for an image (PNG, or JPEG at quality 95 without chroma
+    subsampling)."""
+    out = io.BytesIO()
+    if image_format == "png":
+        image.save(out, format="PNG", optimize=False, compress_level=6)
+    else:
+        image.save(out, format="JPEG", quality=95, subsampling=0)
+    return out.getvalue()
+
+
+def _render_one(job: _Job) -> dict[str, Any]:
+    s = job.settings
+    img, scene, captions, conv = render_sample(s, job.split, job.index)
     file_name = f"{job.image_id:06d}.{s.image_format}"
     path = Path(s.dir) / "images" / job.split / file_name
-    if s.image_format == "png":
-        img.save(path, format="PNG", optimize=False, compress_level=6)
-    else:
-        img.save(path, format="JPEG", quality=95, subsampling=0)
+    path.write_bytes(encode_image(img, s.image_format))
     return {
         "id": job.image_id,
         "file_name": file_name,
-        "scene": scene.to_dict(),
+        "scene": scene,
         "captions": captions,
         "conversations": conv,
     }
@@ -72,7 +92,7 @@ def _render_chunk(jobs: list[_Job]) -> list[dict[str, Any]]:
     return [_render_one(j) for j in jobs]
 
 
-def _mp_context() -> multiprocessing.context.BaseContext:
+def worker_context() -> multiprocessing.context.BaseContext:
     """Fork where the OS has it: it starts fast and works from notebooks and stdin scripts
     (spawn re-imports ``__main__``); the workers only touch numpy and PIL."""
     methods = multiprocessing.get_all_start_methods()
@@ -126,7 +146,7 @@ def write_synthetic(settings: SyntheticSettings, workers: int | None = None) -> 
     if n_workers == 1:
         results = [r for c in chunks for r in _render_chunk(c)]
     else:
-        with ProcessPoolExecutor(n_workers, mp_context=_mp_context()) as pool:
+        with ProcessPoolExecutor(n_workers, mp_context=worker_context()) as pool:
             results = [r for rs in pool.map(_render_chunk, chunks) for r in rs]
     by_id = {r["id"]: r for r in results}
 
