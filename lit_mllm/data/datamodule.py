@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, build_image_trans
 from lit_mllm.data.turns import image_block
 from lit_mllm.tokens import IMAGE_PLACEHOLDER
 
+log = logging.getLogger(__name__)
 Stage = Literal["train", "val", "test", "predict"]
 STAGES: tuple[Stage, ...] = ("train", "val", "test", "predict")
 
@@ -336,15 +338,19 @@ class MLLMDataModule(L.LightningDataModule):
             self.pad_token_id = tokenize.tokenizer.pad_token_id
 
     def _streams(self, split: Stage, streams: list[StreamSource], processor: Any) -> Any:
-        from lit_mllm.data.streaming.dataset import build_streams, shard_time_skips
+        from lit_mllm.data.streaming.dataset import (
+            build_streams,
+            left_out_for_equal_ranks,
+            shard_time_skips,
+        )
 
         if split == "val" and self.val_limit is not None:
             raise ValueError(
                 "data.val_limit cuts map-style val data; for a streamed val split use "
                 "trainer.limit_val_batches"
             )
-        self.skipped_at_load[split] = Counter(shard_time_skips(streams))
-        return build_streams(
+        skipped = Counter(shard_time_skips(streams))
+        dataset = build_streams(
             streams,
             processor,
             caption_prompt=self.caption_prompt,
@@ -353,6 +359,16 @@ class MLLMDataModule(L.LightningDataModule):
             seed=self.seed,
             cache_dir=self.cache_dir,
         )
+        if split == "train" and (left_out := left_out_for_equal_ranks(dataset, streams)):
+            skipped["left_out_for_equal_ranks_per_epoch"] = left_out
+            log.warning(
+                "%s: %d samples per epoch are left out so that every rank reads as many "
+                "(LitData's drop_last under distributed training; other ones each epoch)",
+                streams[0].dir,
+                left_out,
+            )
+        self.skipped_at_load[split] = skipped
+        return dataset
 
     # -- loaders ---------------------------------------------------------------------------------
     def _loader(self, split: Stage, *, shuffle: bool, batch_size: int) -> DataLoader:

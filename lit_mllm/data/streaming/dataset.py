@@ -133,6 +133,28 @@ def _check_local(folder: str) -> None:
         )
 
 
+def stream_size(folder: str) -> int | None:
+    """Samples in a local shard folder (its index), None for a URL."""
+    if "://" in folder:
+        return None
+    index = json.loads((Path(folder) / "index.json").read_text())
+    return sum(int(chunk["chunk_size"]) for chunk in index["chunks"])
+
+
+def left_out_for_equal_ranks(dataset: Any, sources: list[StreamSource]) -> int:
+    """Samples of one training stream that no rank reads in an epoch: with several ranks LitData
+    gives each the same number (so that no rank waits for the others' collectives at the end of
+    the epoch) and leaves the rest out, other samples each epoch. 0 for a mixture or a URL."""
+    import torch.distributed as dist
+
+    if len(sources) != 1 or not (dist.is_available() and dist.is_initialized()):
+        return 0
+    total = stream_size(sources[0].dir)
+    if total is None:
+        return 0
+    return total - len(dataset) * dist.get_world_size()
+
+
 def shard_time_skips(sources: list[StreamSource]) -> dict[str, int]:
     """What ``shard`` left out of local streams, by reason (remote manifests are not fetched)."""
     total: dict[str, int] = {}
