@@ -46,6 +46,7 @@ class Measurement:
     view_sizes: int = 0  # distinct view sizes summed over the timed steps
     view_hist: dict[int, int] = field(default_factory=dict)  # views per image -> images
     step_times_ms: list[float] = field(default_factory=list)  # each timed step, in order
+    alloc_retries: int = 0  # CUDA caching allocator: frees-all-and-retry events while timed
 
     @property
     def ok(self) -> bool:
@@ -92,6 +93,14 @@ class Measurement:
 
     def mfu(self, peak: float) -> float:
         return 100.0 * self.flops / self.seconds / peak if self.ok else float("nan")
+
+
+def alloc_retries(device: torch.device) -> int:
+    """Times the CUDA caching allocator found no free block, freed its cache and retried (a
+    synchronising stall of up to a second); 0 on a CPU."""
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
 
 
 class StepMark:
@@ -141,6 +150,7 @@ def measure(
         sync(device)
         free_memory(device)
         reset_peak(device)
+        retries = alloc_retries(device)
         start = time.perf_counter()
         marks = [StepMark(device)]
         for batch in timed:
@@ -149,6 +159,7 @@ def measure(
         sync(device)
         result.seconds = time.perf_counter() - start
         result.step_times_ms = [a.ms_until(b) for a, b in zip(marks, marks[1:], strict=False)]
+        result.alloc_retries = alloc_retries(device) - retries
     except Exception as error:  # OOM or a failing kernel/compile: recorded, run continues
         failure = failure_status(error)
     if failure is not None:  # outside the except: the traceback's tensors are released

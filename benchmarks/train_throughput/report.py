@@ -173,7 +173,8 @@ def _sliced_table(finals: Sequence[Measurement], peak: float) -> list[str]:
                     times = sorted(m.step_times_ms)
                     lines.append(
                         f"- {decoder} {m.row}: step times (ms) min {times[0]:.0f}, median "
-                        f"{times[len(times) // 2]:.0f}, max {times[-1]:.0f}; in order: "
+                        f"{times[len(times) // 2]:.0f}, max {times[-1]:.0f}; allocator retries "
+                        f"{m.alloc_retries}; in order: "
                         + ", ".join(f"{t:.0f}" for t in m.step_times_ms)
                     )
     return lines
