@@ -97,6 +97,29 @@ def test_two_process_ddp_matches_one_process_with_double_batch(tmp_path: Path) -
     assert 0 < float(apart / update) < 0.01, float(apart / update)
 
 
+@pytest.mark.slow
+def test_ddp_fit_on_a_stream_ends_its_epoch_and_counts_what_it_leaves_out(tmp_path: Path) -> None:
+    """LitData splits a 13-sample stream over 2 ranks: 6 each (3 steps of 2), 1 left out so that
+    neither rank waits for the other at the end of the epoch; the run ends and says so."""
+    from lit_mllm.data.streaming.shard import shard_source
+
+    data = tmp_path / "synthetic"
+    generate_synthetic_dataset(data, 13, 8, 0, seed=1, image_size=32, workers=1)
+    stream = tmp_path / "stream"
+    shard_source("coco", str(data / "captions_train.json"), str(data / "images/train"), stream,
+                 one_sample_per_caption=False, chunk_bytes="4KB", workers=1)  # fmt: skip
+    config = micro_config(data, tmp_path / "run")
+    config["trainer"].update(max_steps=-1, max_epochs=1)
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
+    config["data"].update(train={"kind": "stream", "dir": str(stream)}, batch_size=2)
+    state = run_fit(config, tmp_path / "stream.yaml", "--trainer.devices", "2",
+                    "--trainer.strategy", "ddp")  # fmt: skip
+    checkpoint = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3 and state
+    report = yaml.safe_load((tmp_path / "run" / "skipped_train.json").read_text())
+    assert report["skipped_at_load"] == {"left_out_for_equal_ranks_per_epoch": 1}
+
+
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 
 

@@ -345,3 +345,34 @@ def test_datamodule_streams_with_packing_and_refuses_val_limit(tmp_path, synthet
     limited = MLLMDataModule(**module.data_settings(), val=StreamSource(str(shards)), val_limit=3)
     with pytest.raises(ValueError, match="trainer.limit_val_batches"):
         limited.setup("validate")
+
+
+def test_sliced_images_stream_like_files(tmp_path, synthetic) -> None:
+    """Dynamic resolution on streamed data: the same views and tokens as from the files."""
+    from test_sliced_images import sliced_module
+
+    from lit_mllm.data.datamodule import SplitSource
+
+    shards = tmp_path / "train"
+    captions, images = str(synthetic / "captions_val.json"), str(synthetic / "images/val")
+    shard_source("coco", captions, images, shards, one_sample_per_caption=False, workers=1)
+    module = sliced_module("resampler")
+    batches = []
+    for train in (StreamSource(str(shards)), SplitSource("coco", captions, images)):
+        datamodule = MLLMDataModule(**module.data_settings(), train=train, batch_size=4,
+                                    num_workers=0, one_sample_per_caption=False)  # fmt: skip
+        datamodule.setup("fit")
+        batch = next(iter(datamodule.train_dataloader()))
+        order = sorted(range(4), key=lambda i: batch["sample_id"][i])
+        batches.append((batch, order))
+    (streamed, s_order), (from_files, f_order) = batches
+    assert [streamed["sample_id"][i] for i in s_order] == [
+        from_files["sample_id"][i] for i in f_order
+    ]
+
+    def view_sizes(batch: dict) -> list[tuple[int, ...]]:
+        return sorted(tuple(group.shape) for group in batch["pixel_values"].groups)
+
+    assert view_sizes(streamed) == view_sizes(from_files)
+    assert sorted(map(len, streamed["input_ids"])) == sorted(map(len, from_files["input_ids"]))
+    assert module.training_step(streamed, 0) is not None
