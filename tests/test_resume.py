@@ -198,17 +198,20 @@ def test_sigkill_then_resume_is_bit_identical(synthetic, reference, tmp_path, wo
     why = f"killed at step {kill_at}, resumed from step {saved_step}, workers={workers}"
     assert "resuming from a checkpoint that ended before the epoch ended" not in done.stderr
 
-    # the same batches in the same order, the same losses and RNG states: the steps after the
-    # checkpoint were redone exactly
+    _assert_redone_exactly(reference, tmp_path, kill_at, saved_step, why)
+
+
+def _assert_redone_exactly(reference: Path, root: Path, kill_at: int, saved: int, why: str):
+    """The same batches in the same order, the same losses and RNG states: the steps after the
+    checkpoint were redone exactly, and the trained weights are bit-identical."""
     ref_steps = {record[0]: record for record in _steps(reference)}
-    steps = _steps(tmp_path)
+    steps = _steps(root)
     assert [record[0] for record in steps] == list(range(1, kill_at + 1)) + list(
-        range(saved_step + 1, TOTAL_STEPS + 1)
+        range(saved + 1, TOTAL_STEPS + 1)
     ), why
     for record in steps:
         assert record == ref_steps[record[0]], f"{why}: step {record[0]} differs"
-
-    expected, got = _trained(reference), _trained(tmp_path)
+    expected, got = _trained(reference), _trained(root)
     assert expected.keys() == got.keys()
     different = [n for n in expected if not torch.equal(expected[n], got[n])]
     assert not different, f"{why}: {len(different)} tensors differ, e.g. {different[:3]}"
@@ -225,20 +228,11 @@ def test_streamed_data_resumes_exactly_after_sigkill(
     saved_step, _ = _kill_and_resume(synthetic, tmp_path, kill_at, workers, "--stream", str(stream))
     why = f"killed at step {kill_at}, resumed from step {saved_step}, workers={workers}"
     reference = stream_reference(workers)
-    ref_steps = {record[0]: record for record in _steps(reference)}
-    steps = _steps(tmp_path)
-    assert [record[0] for record in steps] == list(range(1, kill_at + 1)) + list(
-        range(saved_step + 1, TOTAL_STEPS + 1)
-    ), why
-    for record in steps:
-        assert record == ref_steps[record[0]], f"{why}: step {record[0]} differs"
+    _assert_redone_exactly(reference, tmp_path, kill_at, saved_step, why)
     for epoch in range(EPOCHS):  # each epoch saw every sample exactly once
         ids = [i for step, ids, *_ in _steps(reference) for i in ids
                if (step - 1) // STEPS_PER_EPOCH == epoch]  # fmt: skip
         assert sorted(ids) == sorted(set(ids)) and len(ids) == NUM_IMAGES * 5
-    expected, got = _trained(reference), _trained(tmp_path)
-    different = [n for n in expected if not torch.equal(expected[n], got[n])]
-    assert not different, f"{why}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
 def test_resume_without_rng_state_diverges(synthetic, reference, tmp_path) -> None:

@@ -140,6 +140,7 @@ def test_shard_command_synthetic(tmp_path, capsys) -> None:
 # -- bad data -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def corpus(synthetic, tmp_path_factory) -> tuple[Path, dict]:
+    """test_bad_data.py's corpus with known faults (and its ground truth)."""
     out = tmp_path_factory.mktemp("corrupt") / "corpus"
     return out, write_corrupt_corpus(synthetic, out, seed=3)
 
