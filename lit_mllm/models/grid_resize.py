@@ -10,6 +10,8 @@ separable and linear, so it equals ``rows @ table @ cols^T`` with per-axis weigh
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,7 +42,13 @@ def resize_grid(
     rows = axis_weights(old[0], new[0], antialias, table.device, work)
     cols = axis_weights(old[1], new[1], antialias, table.device, work)
     grid = table.to(work).reshape(old[0], old[1], -1)
-    with torch.autocast(table.device.type, enabled=False):
+    kind = table.device.type
+    full = (
+        torch.autocast(kind, enabled=False)
+        if torch.amp.is_autocast_available(kind)
+        else nullcontext()
+    )
+    with full:
         grid = torch.einsum("hi,ijc->hjc", rows, grid)
         grid = torch.einsum("wj,hjc->hwc", cols, grid)
     return grid.reshape(new[0] * new[1], -1).to(table.dtype)
