@@ -205,13 +205,14 @@ class _PoisonedGrads(MLLMModule):
             next(p for p in self.parameters() if p.requires_grad).grad.fill_(float("nan"))
 
 
-def _fit(module: MLLMModule, steps: int) -> None:
+def _fit(module: MLLMModule, steps: int, accelerator: str = "cpu", precision: str = "32") -> None:
     import lightning as L
 
     batches = [make_batch(module) for _ in range(steps)]
     trainer = L.Trainer(
         max_steps=steps,
-        accelerator="cpu",
+        accelerator=accelerator,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
