@@ -14,7 +14,7 @@ import pytest
 import torch
 from corrupt_corpus import CORPUS_NAME, write_corrupt_corpus
 from micro import MICRO_MODEL
-from test_bad_data import MAX_LENGTH, CountTrained, _trainer
+from test_bad_data import DATA_CONFIG, MAX_LENGTH, CountTrained, _trainer
 
 from lit_mllm.data.cli import main as data_cli
 from lit_mllm.data.conversation import ConversationTokenizer
@@ -35,14 +35,6 @@ from lit_mllm.data.synthetic import generate_synthetic_dataset
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.data.transforms import build_image_transform
 from lit_mllm.module import MLLMModule
-
-DATA_CONFIG = {
-    "input_size": (3, 32, 32),
-    "interpolation": "bicubic",
-    "mean": (0.5, 0.5, 0.5),
-    "std": (0.5, 0.5, 0.5),
-    "crop_pct": 1.0,
-}
 
 
 class SampleIds:
