@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from lit_mllm.data.readers import DEFAULT_CAPTION_PROMPT, load_source
 from lit_mllm.data.records import SampleStore, caption_conversation
 from lit_mllm.data.sampler import ResumableSampler
 from lit_mllm.data.slicing import ImageSlicing, SlicedImageTransform
-from lit_mllm.data.streaming.source import StreamSource
+from lit_mllm.data.streaming.source import StreamSource, as_streams
 from lit_mllm.data.synthetic.settings import SyntheticSettings
 from lit_mllm.data.synthetic.writer import ensure_written
 from lit_mllm.data.tokenizer import load_tokenizer
@@ -30,7 +29,6 @@ from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, build_image_trans
 from lit_mllm.data.turns import image_block
 from lit_mllm.tokens import IMAGE_PLACEHOLDER
 
-log = logging.getLogger(__name__)
 Stage = Literal["train", "val", "test", "predict"]
 STAGES: tuple[Stage, ...] = ("train", "val", "test", "predict")
 
@@ -52,19 +50,6 @@ class SplitSource:
 SyntheticData = SyntheticSettings
 # A split: one annotation file, or shard folders streamed with LitData (several mix by weight).
 Source = SplitSource | StreamSource | list[StreamSource]
-
-
-def as_streams(source: Source | None) -> list[StreamSource] | None:
-    """The stream list of a streamed split; None for a file or no source."""
-    if isinstance(source, StreamSource):
-        return [source]
-    if isinstance(source, list):
-        if not source or not all(isinstance(s, StreamSource) for s in source):
-            raise ValueError(
-                f"a list source must hold streams ({{kind: stream, dir: ...}}), got {source!r}"
-            )
-        return source
-    return None
 
 
 def synthetic_source(settings: SyntheticSettings, stage: Stage) -> SplitSource:
@@ -338,19 +323,14 @@ class MLLMDataModule(L.LightningDataModule):
             self.pad_token_id = tokenize.tokenizer.pad_token_id
 
     def _streams(self, split: Stage, streams: list[StreamSource], processor: Any) -> Any:
-        from lit_mllm.data.streaming.dataset import (
-            build_streams,
-            left_out_for_equal_ranks,
-            shard_time_skips,
-        )
+        from lit_mllm.data.streaming.dataset import stream_split
 
         if split == "val" and self.val_limit is not None:
             raise ValueError(
                 "data.val_limit cuts map-style val data; for a streamed val split use "
                 "trainer.limit_val_batches"
             )
-        skipped = Counter(shard_time_skips(streams))
-        dataset = build_streams(
+        dataset, self.skipped_at_load[split] = stream_split(
             streams,
             processor,
             caption_prompt=self.caption_prompt,
@@ -359,15 +339,6 @@ class MLLMDataModule(L.LightningDataModule):
             seed=self.seed,
             cache_dir=self.cache_dir,
         )
-        if split == "train" and (left_out := left_out_for_equal_ranks(dataset, streams)):
-            skipped["left_out_for_equal_ranks_per_epoch"] = left_out
-            log.warning(
-                "%s: %d samples per epoch are left out so that every rank reads as many "
-                "(LitData's drop_last under distributed training; other ones each epoch)",
-                streams[0].dir,
-                left_out,
-            )
-        self.skipped_at_load[split] = skipped
         return dataset
 
     # -- loaders ---------------------------------------------------------------------------------
@@ -460,22 +431,17 @@ class MLLMDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the training data order at the exact next batch of the saved epoch."""
-        stream = state_dict.get("train_stream")
+        stream, state = state_dict.get("train_stream"), state_dict.get("train_sampler")
+        if stream is None and state is None:
+            return
+        # Lightning cannot see that this loader is resumable and warns otherwise
+        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
         if stream is not None:
-            warnings.filterwarnings(
-                "ignore", message=r"You're resuming from a checkpoint that ended"
-            )
             if self.train_stream_loader is not None:
                 self.train_stream_loader.load_state_dict(stream)
             else:
                 self._stream_state = dict(stream)
-            return
-        state = state_dict.get("train_sampler")
-        if state is None:
-            return
-        # Lightning cannot see that this loader is resumable and warns otherwise
-        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
-        if self.train_sampler is not None:
+        elif self.train_sampler is not None:
             self.train_sampler.load_state_dict(state)
         else:
             self._sampler_state = dict(state)

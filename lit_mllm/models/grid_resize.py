@@ -24,7 +24,8 @@ def axis_weights(
 ) -> Tensor:
     """(new, old) weights of ``F.interpolate(mode="bicubic", align_corners=False)`` along one
     axis: the interpolation of each unit vector (channel i holds e_i down the height). Two equal
-    columns, because the antialiased kernel weights a width of one differently (torch 2.x)."""
+    columns, because the antialiased kernel gives other values for a one-pixel-wide input
+    (torch 2.x)."""
     units = torch.eye(old, device=device, dtype=dtype).reshape(1, old, old, 1).expand(-1, -1, -1, 2)
     out = F.interpolate(units, size=(new, 2), mode="bicubic", antialias=antialias)
     return out[0, :, :, 0].T

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,9 @@ from lit_mllm.data.options import OnBadSample
 from lit_mllm.data.readers.validation import BadSampleError, InvalidRecord
 from lit_mllm.data.streaming.record import from_item
 from lit_mllm.data.streaming.shard import MANIFEST
-from lit_mllm.data.streaming.source import StreamSource
+from lit_mllm.data.streaming.source import StreamSource, is_remote
+
+log = logging.getLogger(__name__)
 
 
 class _RefusedPickle(Serializer):
@@ -110,7 +114,7 @@ def build_streams(
             shuffle=train,
             seed=seed,
             drop_last=None if train else False,
-            cache_dir=cache_dir if "://" in source.dir else None,  # local folders: read in place
+            cache_dir=cache_dir if is_remote(source.dir) else None,  # local: read in place
         )
         for source in sources
     ]
@@ -123,7 +127,7 @@ def build_streams(
 def _check_local(folder: str) -> None:
     """A clear error for a local folder that is not a shard folder (LitData's own is a
     traceback from deep inside it). URLs are left to LitData."""
-    if "://" in folder:
+    if is_remote(folder):
         return
     path = Path(folder)
     if not (path / "index.json").is_file():
@@ -135,7 +139,7 @@ def _check_local(folder: str) -> None:
 
 def stream_size(folder: str) -> int | None:
     """Samples in a local shard folder (its index), None for a URL."""
-    if "://" in folder:
+    if is_remote(folder):
         return None
     index = json.loads((Path(folder) / "index.json").read_text())
     return sum(int(chunk["chunk_size"]) for chunk in index["chunks"])
@@ -160,11 +164,39 @@ def shard_time_skips(sources: list[StreamSource]) -> dict[str, int]:
     total: dict[str, int] = {}
     for source in sources:
         manifest = Path(source.dir) / MANIFEST
-        if "://" in source.dir or not manifest.is_file():
+        if is_remote(source.dir) or not manifest.is_file():
             continue
         for reason, count in json.loads(manifest.read_text()).get("skipped", {}).items():
             total[reason] = total.get(reason, 0) + int(count)
     return total
+
+
+def stream_split(
+    sources: list[StreamSource],
+    processor: SampleProcessor,
+    *,
+    caption_prompt: str,
+    on_bad_sample: OnBadSample,
+    train: bool,
+    seed: int,
+    cache_dir: str | None = None,
+) -> tuple[StreamingDataset | CombinedStreamingDataset, Counter[str]]:
+    """A split's streamed dataset and the samples it leaves out, by reason: what ``shard``
+    skipped, and for training on several ranks what LitData drops per epoch for equal shares
+    (also logged)."""
+    skipped = Counter(shard_time_skips(sources))
+    dataset = build_streams(sources, processor, caption_prompt=caption_prompt,
+                            on_bad_sample=on_bad_sample, train=train, seed=seed,
+                            cache_dir=cache_dir)  # fmt: skip
+    if train and (left_out := left_out_for_equal_ranks(dataset, sources)):
+        skipped["left_out_for_equal_ranks_per_epoch"] = left_out
+        log.warning(
+            "%s: %d samples per epoch are left out so that every rank reads as many "
+            "(LitData's drop_last under distributed training; other ones each epoch)",
+            sources[0].dir,
+            left_out,
+        )
+    return dataset, skipped
 
 
 class StreamLoader(StreamingDataLoader):

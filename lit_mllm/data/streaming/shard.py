@@ -131,15 +131,9 @@ def _optimize(function: Any, inputs: list[int], out: Path, workers: int, chunk_b
         chunk_bytes=chunk_bytes,
         num_workers=min(workers, max(1, len(inputs))),
         reorder_files=False,
-        start_method="fork" if "fork" in _start_methods() else None,
+        start_method=worker_context().get_start_method(),
         verbose=True,
     )
-
-
-def _start_methods() -> list[str]:
-    import multiprocessing
-
-    return multiprocessing.get_all_start_methods()
 
 
 def _finish(out: Path, summary: ShardSummary, started: float) -> ShardSummary:
