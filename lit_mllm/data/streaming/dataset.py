@@ -172,22 +172,13 @@ def shard_time_skips(sources: list[StreamSource]) -> dict[str, int]:
 
 
 def stream_split(
-    sources: list[StreamSource],
-    processor: SampleProcessor,
-    *,
-    caption_prompt: str,
-    on_bad_sample: OnBadSample,
-    train: bool,
-    seed: int,
-    cache_dir: str | None = None,
+    sources: list[StreamSource], processor: SampleProcessor, *, train: bool, **options: Any
 ) -> tuple[StreamingDataset | CombinedStreamingDataset, Counter[str]]:
-    """A split's streamed dataset and the samples it leaves out, by reason: what ``shard``
-    skipped, and for training on several ranks what LitData drops per epoch for equal shares
-    (also logged)."""
+    """A split's streamed dataset (``build_streams``, which ``options`` go to) and the samples
+    it leaves out, by reason: what ``shard`` skipped, and for training on several ranks what
+    LitData drops per epoch for equal shares (also logged)."""
     skipped = Counter(shard_time_skips(sources))
-    dataset = build_streams(sources, processor, caption_prompt=caption_prompt,
-                            on_bad_sample=on_bad_sample, train=train, seed=seed,
-                            cache_dir=cache_dir)  # fmt: skip
+    dataset = build_streams(sources, processor, train=train, **options)
     if train and (left_out := left_out_for_equal_ranks(dataset, sources)):
         skipped["left_out_for_equal_ranks_per_epoch"] = left_out
         log.warning(
