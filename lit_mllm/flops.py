@@ -128,9 +128,12 @@ def step_flops(
 def sample_lengths(batch: Mapping[str, Any]) -> list[int]:
     """Real (unpadded) length of every sample: packed rows are split at their boundaries.
 
-    Uses ``cu_seqlens`` when present, else the attention mask (right padding), else the
-    restarts of ``position_ids`` at 0, else the full row width.
+    Uses the collator's ``sample_lengths`` (host integers: no sync) when present, else
+    ``cu_seqlens``, else the attention mask (right padding), else the restarts of
+    ``position_ids`` at 0, else the full row width.
     """
+    if batch.get("sample_lengths") is not None:
+        return [int(n) for n in batch["sample_lengths"]]
     cu = batch.get("cu_seqlens")
     if cu is not None:
         return torch.diff(torch.as_tensor(cu)).tolist()

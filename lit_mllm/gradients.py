@@ -45,11 +45,15 @@ class TokenMeanWindow:
     def reset(self) -> None:
         self.tokens: Tensor | float = 0.0  # device tensors once added: no host sync per batch
         self.loss_sum: Tensor | float = 0.0
-        self.nonfinite_loss = 0.0
+        self.nonfinite_loss: Tensor | float = 0.0
 
     def add(self, loss_sum: Tensor, count: Tensor) -> None:
+        """Accumulated on the device: a non-finite loss is flagged without a host sync."""
+        loss = loss_sum.detach().double()
+        finite = torch.isfinite(loss)
         self.tokens = self.tokens + count.detach().double()
-        self.loss_sum = self.loss_sum + loss_sum.detach().double()
+        self.loss_sum = self.loss_sum + torch.where(finite, loss, 0.0)
+        self.nonfinite_loss = self.nonfinite_loss + (~finite).double()
 
     def flag_nonfinite_loss(self) -> None:
         self.nonfinite_loss = 1.0
@@ -90,7 +94,7 @@ class TokenMeanWindow:
         tokens, loss_sum, bad_loss, bad_grad = stats.tolist()
         why = None
         if bad_loss:
-            why = f"non-finite loss on {int(bad_loss)} rank(s)"
+            why = f"non-finite loss in {int(bad_loss)} micro-batch(es) over the ranks"
         elif bad_grad:
             why = "non-finite gradients"
         elif tokens == 0:

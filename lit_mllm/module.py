@@ -322,6 +322,7 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
             sample_ids=batch.get("sample_id"),
             image_features=image_features,
             reduction=reduction,
+            layout=batch.get("layout"),
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -336,9 +337,14 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
         if batch.get("batch_size", 1) == 0:  # every sample of the micro-batch was dropped
             batch = self.model.placeholder_batch(self.device)
         loss_sum, count = self(batch, reduction="sum")
-        if int(count) == 0:
+        layout = batch.get("layout")
+        if (layout.num_supervised if layout is not None else int(count)) == 0:
             self.empty_batches += 1
             self.log("train/empty_batches", float(self.empty_batches), batch_size=1)
+        if layout is not None:  # no host sync: the loss is checked on the device, the step
+            # then dropped by `finish_gradients` (its gradients may be NaN; they are discarded)
+            self.window.add(loss_sum, count)
+            return loss_sum * LOSS_SUM_SCALE
         if not torch.isfinite(loss_sum):
             self.window.flag_nonfinite_loss()
             log.warning(

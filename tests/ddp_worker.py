@@ -108,7 +108,10 @@ def rank_items(module: MLLMModule, scenario: str, step: int, rank: int) -> list[
 
 
 def rank_batches(module: MLLMModule, scenario: str, rank: int) -> list[dict]:
-    collate = MLLMCollator(module.tokenizer.pad_token_id)
+    # the ranks train with the collator's TokenLayout (the sync-free forward, as `fit` does);
+    # the reference below finds the positions on the device: both must agree
+    patch = module.model.image_token_ids.patch
+    collate = MLLMCollator(module.tokenizer.pad_token_id, image_patch_id=patch)
     batches = []
     for step in range(STEPS):
         items = rank_items(module, scenario, step, rank)

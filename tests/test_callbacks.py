@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -100,6 +101,7 @@ def test_scalar_tags(fitted: SimpleNamespace) -> None:
         "perf/step_time_s", "perf/samples_per_sec", "perf/tokens_per_sec",
         "perf/tokens_per_sec_per_device", "perf/supervised_tokens_per_sec",
         "perf/padding_waste_pct", "perf/model_tflops_per_device", "perf/mfu", "hp_metric",
+        "perf/data_wait_pct",
     }  # fmt: skip
     assert expected <= set(scalars), expected - set(scalars)
     assert [step for step, _ in scalars["train/loss"]] == [0, 1, 2, 3, 4, 5]
@@ -274,3 +276,22 @@ def test_denormalize_and_table() -> None:
     assert torch.allclose(denormalize((images - mean) / std, cfg), images, atol=1e-6)
     table = caption_table(["a | b"], [["r1", "r2", "r3"]], [7])
     assert table.splitlines()[2] == "| 7 | a \\| b | r1<br>r2 |"
+
+
+def test_data_wait_is_the_share_of_the_step_spent_between_batches() -> None:
+    """Half of every step waits for the next batch (a slow loader), half computes: the
+    monitor reports ~50 % data wait."""
+    logged: dict[str, float] = {}
+    module = SimpleNamespace(
+        device=torch.device("cpu"),
+        log=lambda name, value, **kwargs: logged.__setitem__(name, value),
+    )
+    trainer = SimpleNamespace(global_step=0, world_size=1)
+    monitor = ThroughputMonitor(window=3, prog_bar=False)
+    for _ in range(4):
+        time.sleep(0.06)  # the loader
+        monitor.on_train_batch_start(trainer, module, {}, 0)
+        time.sleep(0.06)  # forward, backward, optimiser step
+        trainer.global_step += 1
+        monitor.on_train_batch_end(trainer, module, None, {}, 0)
+    assert 35 < logged["perf/data_wait_pct"] < 65, logged

@@ -47,7 +47,10 @@ CONVERSATIONS = [
 ]
 
 
-def make_batch(module: MLLMModule, packing: bool = False, with_prompts: bool = False) -> dict:
+def make_batch(
+    module: MLLMModule, packing: bool = False, with_prompts: bool = False, layout: bool = False
+) -> dict:
+    """The three conversations collated; ``layout``: with the collator's ``TokenLayout``."""
     conv = ConversationTokenizer(module.tokenizer, num_image_tokens=module.num_image_tokens)
     items = []
     torch.manual_seed(1)
@@ -64,7 +67,8 @@ def make_batch(module: MLLMModule, packing: bool = False, with_prompts: bool = F
         if with_prompts:
             item["prompt_ids"] = conv.generation_prompt(turns[:1])
         items.append(item)
-    return MLLMCollator(module.tokenizer.pad_token_id, packing=packing)(items)
+    patch = module.model.image_token_ids.patch if layout else None
+    return MLLMCollator(module.tokenizer.pad_token_id, packing=packing, image_patch_id=patch)(items)
 
 
 def test_features_are_spliced_exactly_at_image_positions() -> None:

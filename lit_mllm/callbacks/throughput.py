@@ -38,9 +38,11 @@ class _Counts:
     padded_tokens: int = 0
     supervised_tokens: int = 0
     flops: float = 0.0
+    data_wait: float = 0.0  # host seconds between a micro-batch's end and the next one's start
 
     def add(self, other: _Counts) -> None:
-        for name in ("seconds", "samples", "tokens", "padded_tokens", "supervised_tokens", "flops"):
+        names = ("seconds", "samples", "tokens", "padded_tokens", "supervised_tokens", "flops")
+        for name in (*names, "data_wait"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -58,7 +60,10 @@ class ThroughputMonitor(Callback):
     ``perf/supervised_tokens_per_sec``, ``perf/tokens_per_sec_per_device``,
     ``perf/padding_waste_pct``, ``perf/model_tflops_per_device``, ``perf/mfu`` (only when the
     device peak is known or ``peak_flops`` is given), ``perf/gpu_mem_alloc_gib`` and
-    ``perf/gpu_mem_peak_gib`` (CUDA), ``train/grad_norm`` (total L2 norm before clipping).
+    ``perf/gpu_mem_peak_gib`` (CUDA), ``perf/data_wait_pct`` (share of the step between one
+    micro-batch's end and the next one's start: fetching the batch from the loader and moving
+    it to the device; an upper bound on the time the loader makes training wait),
+    ``train/grad_norm`` (total L2 norm before clipping).
     Rates across devices are rank 0's times the world size (ranks see equal-sized batches).
 
     Args:
@@ -93,6 +98,7 @@ class ThroughputMonitor(Callback):
         self._steps: deque[_Counts] = deque(maxlen=window)
         self._pending = _Counts()
         self._clock: float | None = None
+        self._batch_end: float | None = None
         self._last_global_step = 0
         self._grids: dict[tuple[int, int], int] = {}
 
@@ -115,6 +121,7 @@ class ThroughputMonitor(Callback):
 
     def _restart_clock(self, *_: Any) -> None:
         self._clock = None
+        self._batch_end = None
 
     on_train_epoch_start = _restart_clock
     on_validation_end = _restart_clock
@@ -126,6 +133,8 @@ class ThroughputMonitor(Callback):
         if self._clock is None:
             _synchronize(pl_module.device)
             self._clock = time.perf_counter()
+        elif self._batch_end is not None:
+            self._pending.data_wait += time.perf_counter() - self._batch_end
 
     def on_train_batch_end(
         self,
@@ -138,12 +147,14 @@ class ThroughputMonitor(Callback):
         if isinstance(batch, dict):
             self._pending.add(self._count(pl_module, batch))
         if trainer.global_step == self._last_global_step:
+            self._batch_end = time.perf_counter()
             return  # gradient accumulation: the optimiser has not stepped yet
         self._last_global_step = trainer.global_step
         _synchronize(pl_module.device)
         now = time.perf_counter()
         self._pending.seconds = now - (self._clock if self._clock is not None else now)
         self._clock = now
+        self._batch_end = now
         if self._pending.seconds > 0:
             self._steps.append(self._pending)
         self._pending = _Counts()
@@ -155,7 +166,11 @@ class ThroughputMonitor(Callback):
         if input_ids is None or batch.get("batch_size", 1) == 0:
             return _Counts()
         lengths = sample_lengths(batch)
-        supervised = int(supervised_token_count(batch["labels"])) if "labels" in batch else 0
+        layout = batch.get("layout")
+        if layout is not None:  # counted by the collator: no host sync
+            supervised = layout.num_supervised
+        else:
+            supervised = int(supervised_token_count(batch["labels"])) if "labels" in batch else 0
         counts = _Counts(
             samples=int(batch.get("batch_size", input_ids.shape[0])),
             tokens=int(batch.get("num_tokens", sum(lengths))),
@@ -203,6 +218,7 @@ class ThroughputMonitor(Callback):
             "perf/tokens_per_sec": world * total.tokens / seconds,
             "perf/tokens_per_sec_per_device": total.tokens / seconds,
             "perf/supervised_tokens_per_sec": world * total.supervised_tokens / seconds,
+            "perf/data_wait_pct": 100.0 * total.data_wait / seconds,
         }
         if total.padded_tokens:
             waste = total.padded_tokens - total.tokens

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lit_mllm.models.token_layout import TokenLayout
 from lit_mllm.models.views import group_views
 from lit_mllm.tokens import IGNORE_INDEX
 
@@ -22,14 +23,22 @@ class MLLMCollator:
 
     Items are dicts from ``MLLMDataset``; an item with a ``skipped`` key is a dropped sample
     whose reason is counted in ``batch["skipped"]`` so counts survive worker processes.
+    With ``image_patch_id``, ``batch["layout"]`` carries the batch's ``TokenLayout`` (found
+    here, on the CPU, so the model's forward needs no host sync).
     """
 
     def __init__(
-        self, pad_token_id: int, *, packing: bool = False, pad_to_multiple_of: int = 1
+        self,
+        pad_token_id: int,
+        *,
+        packing: bool = False,
+        pad_to_multiple_of: int = 1,
+        image_patch_id: int | None = None,
     ) -> None:
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.image_patch_id = image_patch_id
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         skipped = Counter(item["skipped"] for item in items if "skipped" in item)
@@ -56,6 +65,11 @@ class MLLMCollator:
             if self.packing
             else pad(sequences, self.pad_token_id, self.pad_to_multiple_of)
         )
+        if self.image_patch_id is not None:
+            batch["layout"] = TokenLayout.of(
+                batch["input_ids"], batch["labels"], self.image_patch_id, batch.get("cu_seqlens")
+            )
+        batch["sample_lengths"] = [len(ids) for ids, _ in sequences]  # host ints, for FLOPs
         for key in ("sample_id", "image_id", "references"):
             batch[key] = [item.get(key) for item in items]
         if all("prompt_ids" in item for item in items):

@@ -321,6 +321,7 @@ class MLLMDataModule(L.LightningDataModule):
                 self.datasets[split] = MLLMDataset(samples, processor)
         if tokenize is not None:
             self.pad_token_id = tokenize.tokenizer.pad_token_id
+            self.image_patch_id = tokenize.image_ids.patch
 
     def _streams(self, split: Stage, streams: list[StreamSource], processor: Any) -> Any:
         from lit_mllm.data.streaming.dataset import stream_split
@@ -348,7 +349,11 @@ class MLLMDataModule(L.LightningDataModule):
                 f"no {split} data configured: set `data.{split}` (or `data.synthetic`) in the config"
             )
         dataset: Any = self.datasets[split]
-        collate = MLLMCollator(self.pad_token_id, packing=self.packing and split == "train")
+        collate = MLLMCollator(
+            self.pad_token_id,
+            packing=self.packing and split == "train",
+            image_patch_id=self.image_patch_id,
+        )
         if as_streams(self.sources[split]) is not None:
             from lit_mllm.data.streaming.dataset import StreamLoader
 

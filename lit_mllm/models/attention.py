@@ -143,7 +143,9 @@ def varlen_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    cu, max_len = packed_segments(position_ids)
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None:  # not handed over by the model (its TokenLayout): found here, one sync
+        cu, max_len = packed_segments(position_ids)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     dtype = query.dtype
     if query.is_cuda and torch.is_autocast_enabled("cuda"):

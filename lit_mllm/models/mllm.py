@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedModel
 
+from lit_mllm.models.attention import VARLEN_ATTENTION
+from lit_mllm.models.token_layout import TokenLayout
 from lit_mllm.models.views import ImageViews
 from lit_mllm.models.vision import VisionEncoder
 from lit_mllm.tokens import IGNORE_INDEX, ImageTokenIds
@@ -127,15 +129,18 @@ class MultimodalLM(nn.Module):
         pixel_values: Tensor | ImageViews | None,
         sample_ids: list | None = None,
         image_features: Tensor | None = None,
+        image_slots: Tensor | None = None,
     ) -> Tensor:
         """Token embeddings with image features written at the ``<im_patch>`` positions.
 
         ``image_features`` (from ``image_features``: (slots, D)) replace ``pixel_values`` when
         one batch's images serve several passes (validation: loss, then captions).
+        ``image_slots``: those positions, flat, found on the CPU (``TokenLayout``); without
+        them they are found here, at the cost of a host sync.
         """
         embeds = self.decoder.get_input_embeddings()(input_ids)
         is_patch = input_ids == self.image_token_ids.patch
-        num_slots = int(is_patch.sum())
+        num_slots = int(is_patch.sum()) if image_slots is None else len(image_slots)
         features = image_features
         if features is None and has_images(pixel_values):
             features = self.image_features(pixel_values)
@@ -157,7 +162,10 @@ class MultimodalLM(nn.Module):
                 + ". Check that the DataModule's num_image_tokens (and image_slicing, "
                 "tokens_per_view) equal the model's."
             )
-        return embeds.masked_scatter(is_patch.unsqueeze(-1), features.to(embeds.dtype))
+        features = features.to(embeds.dtype)
+        if image_slots is None:
+            return embeds.masked_scatter(is_patch.unsqueeze(-1), features)
+        return embeds.flatten(0, 1).index_copy(0, image_slots, features).view_as(embeds)
 
     def placeholder_image_anchor(self, embeds: Tensor) -> Tensor:
         """A zero that depends on the encoder and connector, for a batch without images.
@@ -175,15 +183,42 @@ class MultimodalLM(nn.Module):
         inputs_embeds: Tensor,
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
+        layout: TokenLayout | None = None,
     ) -> Tensor:
         base = self.decoder.get_decoder()
+        segments = {}
+        packed = layout is not None and layout.cu_seqlens is not None
+        if attention_mask is None and packed and self._segments_skip_the_mask():
+            # the varlen kernel reads the packed row's segments from the layout, and the
+            # (all full-attention) layers need no mask: transformers' mask builder would
+            # otherwise look for packed sequences in the position ids with a host sync
+            segments = {
+                "cu_seq_lens_q": layout.cu_seqlens,
+                "cu_seq_lens_k": layout.cu_seqlens,
+                "max_length_q": layout.max_seqlen,
+                "max_length_k": layout.max_seqlen,
+            }
+            attention_mask = dict.fromkeys(self._layer_types())
         out = base(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **segments,
         )
         return out.last_hidden_state
+
+    def _layer_types(self) -> set[str]:
+        config = self.decoder.get_decoder().config
+        return set(getattr(config, "layer_types", None) or ["full_attention"])
+
+    def _segments_skip_the_mask(self) -> bool:
+        """A packed row can skip mask building when every layer is plain causal attention
+        through the ``lit_varlen`` kernel (no sliding window, no model-specific overlay)."""
+        config = self.decoder.get_decoder().config
+        return getattr(
+            config, "_attn_implementation", None
+        ) == VARLEN_ATTENTION and self._layer_types() == {"full_attention"}
 
     def forward(
         self,
@@ -195,25 +230,29 @@ class MultimodalLM(nn.Module):
         sample_ids: list | None = None,
         image_features: Tensor | None = None,
         reduction: Literal["mean", "sum"] = "mean",
+        layout: TokenLayout | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Next-token loss over supervised positions (their mean, or their sum for training,
         which normalises over a whole optimiser step), and their count.
 
         Hidden states are gathered at supervised positions *before* the LM head, so full-vocab
-        logits are never built for prompts, images or padding.
+        logits are never built for prompts, images or padding. ``layout`` (the collator's,
+        on the same device) makes the forward free of host syncs; without it the model finds
+        the same positions itself.
         """
-        embeds = self.embed(input_ids, pixel_values, sample_ids, image_features)
-        hidden = self.hidden_states(embeds, attention_mask, position_ids)
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        count = supervised.sum()
-        if int(count) == 0:
+        if layout is None:  # found on the device: host syncs (a packed row's segments are
+            # then found by the attention kernel from the position ids)
+            layout = TokenLayout.of(input_ids, labels, self.image_token_ids.patch)
+        embeds = self.embed(input_ids, pixel_values, sample_ids, image_features, layout.image_slots)
+        hidden = self.hidden_states(embeds, attention_mask, position_ids, layout)
+        count = torch.full((), layout.num_supervised, device=hidden.device, dtype=torch.long)
+        if layout.num_supervised == 0:
             # a zero that keeps the graph through every trainable weight, the LM head included
             # (untied heads are used only by the loss), so every rank still runs backward
             head = self.decoder.get_output_embeddings()
             return head(hidden[:, -1:]).float().sum() * 0.0, count
-        selected = hidden[:, :-1][supervised]
-        total = self.supervised_loss_sum(selected, targets[supervised])
+        selected = hidden.flatten(0, 1).index_select(0, layout.supervised)
+        total = self.supervised_loss_sum(selected, layout.targets)
         return (total if reduction == "sum" else total / selected.shape[0]), count
 
     def supervised_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
