@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-steps", type=int, default=None, help="timed steps per probe (3)")
     p.add_argument("--probe-warmup", type=int, default=None, help="warm-up steps per probe (2)")
     p.add_argument("--lit-attn", default="auto", choices=["auto", "sdpa", "varlen"])
+    p.add_argument(
+        "--best-attn", default="auto", choices=["auto", "sdpa", "flex_attention"]
+    )  # the best-transformers row's attention (auto: the faster of the two)
+    p.add_argument("--best-liger", default="on", choices=["on", "off"], help="liger-kernel patches")
+    p.add_argument(
+        "--lit-layout",
+        default="on",
+        choices=["on", "off"],
+        help="lit rows: the collator's TokenLayout (a forward without host syncs)",
+    )
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device peak")
     p.add_argument("--gen-batch-size", type=int, default=None, help="captions per batch (32)")

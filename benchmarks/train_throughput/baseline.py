@@ -1,4 +1,4 @@
-"""The baseline row: transformers' LLaVA trained the way a plain transformers user would."""
+"""The naive baseline row: transformers' LLaVA trained the way a plain transformers user would."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ class BaselineTrainee(Trainee):
     row = "baseline"
     connector = "mlp"
 
-    def __init__(self, sizes: Sizes, decoder: str, device: torch.device) -> None:
+    def __init__(
+        self, sizes: Sizes, decoder: str, device: torch.device, attn_implementation: str = "sdpa"
+    ) -> None:
         super().__init__(sizes, decoder, device)
         from transformers import (
             AutoModelForImageTextToText,
@@ -49,16 +51,22 @@ class BaselineTrainee(Trainee):
             tie_word_embeddings=True,
         )
         with torch.device(device):
-            self.model = AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa")
+            self.model = AutoModelForImageTextToText.from_config(
+                config, attn_implementation=attn_implementation
+            )
         for name, param in self.model.named_parameters():
             if "vision_tower" in name:
                 param.requires_grad_(False)
         self.model.train()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=1e-5)  # torch default: foreach
+        self.optimizer = self.make_optimizer(
+            [p for p in self.model.parameters() if p.requires_grad]
+        )
         self.image_tokens = sizes.patches
         self.image_block = torch.full((sizes.patches,), self.image_token_id, dtype=torch.long)
         self.spec = self._flops_spec()
+
+    def make_optimizer(self, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(trainable, lr=1e-5)  # torch default: foreach
 
     def _flops_spec(self) -> FlopsSpec:
         inner = self.model.model

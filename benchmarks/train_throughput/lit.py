@@ -14,6 +14,7 @@ from lit_mllm.data.collate import pack
 from lit_mllm.data.slicing import ImageSlicing
 from lit_mllm.flops import spec_from_model
 from lit_mllm.models.attention import VARLEN_ATTENTION
+from lit_mllm.models.token_layout import TokenLayout
 
 
 class LitTrainee(Trainee):
@@ -28,11 +29,13 @@ class LitTrainee(Trainee):
         connector: str,
         device: torch.device,
         image_slicing: ImageSlicing | None = None,
+        layout: bool = True,
     ) -> None:
         super().__init__(sizes, decoder, device)
         from lit_mllm.module import MLLMModule
 
         self.row = connector
+        self.layout = layout
         self.connector = connector
         encoder = {
             "name": sizes.encoder_name,
@@ -83,6 +86,11 @@ class LitTrainee(Trainee):
         sequences = [render(s, self.image_block) for s in samples]
         batch = pack(sequences, self.pad_token_id)
         batch.update(batch_stats(sequences))
+        if self.layout:
+            patch = self.module.model.image_token_ids.patch
+            batch["layout"] = TokenLayout.of(
+                batch["input_ids"], batch["labels"], patch, batch["cu_seqlens"]
+            )
         return batch
 
     def step(self, batch: dict[str, Any]) -> None:
@@ -94,6 +102,8 @@ class LitTrainee(Trainee):
             "attention_mask": None,  # packed: one row, position_ids restart per sample
             "pixel_values": self.batch_pixels(batch),
         }
+        if batch.get("layout") is not None:
+            model_batch["layout"] = batch["layout"].to(dev, non_blocking=True)
         if batch.get("attention_mask") is not None:  # right-padded rows
             model_batch["attention_mask"] = batch["attention_mask"].to(dev, non_blocking=True)
         stance = "default" if self.compiled else "force_eager"

@@ -39,6 +39,7 @@ class Measurement:
     real_tokens: int = 0
     padded_tokens: int = 0
     flops: float = 0.0
+    palm_flops: float = 0.0  # the same with the LM head charged on every token (PaLM-style)
     peak_bytes: int = 0
     images: int = 0
     views: int = 0  # encoder inputs: one per image, or a thumbnail + slices per sliced image
@@ -93,6 +94,9 @@ class Measurement:
 
     def mfu(self, peak: float) -> float:
         return 100.0 * self.flops / self.seconds / peak if self.ok else float("nan")
+
+    def palm_mfu(self, peak: float) -> float:
+        return 100.0 * self.palm_flops / self.seconds / peak if self.ok else float("nan")
 
 
 def alloc_retries(device: torch.device) -> int:
@@ -173,6 +177,7 @@ def measure(
     result.real_tokens = sum(b["num_tokens"] for b in timed)
     result.padded_tokens = sum(b["num_padded_tokens"] for b in timed)
     result.flops = sum(trainee.flops(b) for b in timed)
+    result.palm_flops = sum(trainee.flops(b, head_on_every_token=True) for b in timed)
     per_image = [v for b in timed for v in b.get("views_per_image", [1] * b["num_samples"])]
     result.images = len(per_image)
     result.views = sum(per_image)

@@ -57,16 +57,30 @@ def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) ->
         f"{sizes.text_max}] tokens, 1-4 user/assistant turns, assistant share ~Beta(3,7) (mean "
         f"30 %), one {sizes.image_size}px image per sample ({sizes.patches} patches); random "
         "token ids and pixels.",
-        f"Baseline: transformers LlavaForConditionalGeneration(LlavaConfig({vision}, "
+        f"Naive baseline: transformers LlavaForConditionalGeneration(LlavaConfig({vision}, "
         f"Qwen2 text config, MLP projector, vision_feature_layer -2)), fp32 weights, {precision}, "
         "attn_implementation='sdpa', vision tower requires_grad False, right-padded batches with "
         "attention_mask and -100 labels, loss from model(labels=...) (full-vocabulary logits), "
         "torch.optim.AdamW (default foreach), plain loop.",
+        "Best transformers: the same LLaVA with padding-free rows from transformers' "
+        "DataCollatorWithFlattening (position ids restart per sample; transformers derives the "
+        "block-diagonal mask: 'sdpa' dense, 'flex_attention' block-sparse, the faster kept), "
+        f"liger-kernel's LLaVA patch ({'on' if args.best_liger == 'on' else 'off'}: fused "
+        "linear cross-entropy, and via Qwen2 RMSNorm, SwiGLU, RoPE; CUDA only), regional "
+        "torch.compile of the decoder layers (kept when it wins, as for lit-mllm), the frozen "
+        "vision tower in bf16, fused AdamW. flash-attn, the one backend that reads the "
+        "collator's cu_seq_lens directly, is not installed.",
         f"lit-mllm: MLLMModule (timm {sizes.encoder_name}, pretrained false, feature_layer -2; "
         f"decoder from a Qwen2 `config:` dict, vocab {vocab[0]}, train full) stepped "
         f"as module(batch) -> loss; loss.backward(); AdamW(fused={cuda}).step(): packing (one row "
-        "per micro-batch, position_ids restarting per sample, attention_mask None), chunked "
-        f"loss on supervised positions only, frozen encoder in {'bf16' if cuda else 'fp32'} "
+        "per micro-batch, position_ids restarting per sample, attention_mask None), "
+        + (
+            "the collator's TokenLayout (image slots, supervised positions, segments: a forward "
+            "without host syncs), "
+            if args.lit_layout == "on"
+            else "positions found on the device (--lit-layout off), "
+        )
+        + f"chunked loss on supervised positions only, frozen encoder in {'bf16' if cuda else 'fp32'} "
         f"weights under no_grad, trainable weights fp32 under {precision}.",
         "Attention for packed rows: 'sdpa' = transformers' block-diagonal mask from position_ids "
         "(dense SDPA over the whole packed row); 'varlen' = PyTorch's built-in flash-attention "
@@ -78,7 +92,8 @@ def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) ->
         "(lit_mllm.flops): per image encoder forward only 2*N_enc*T + 4*L_enc*D_enc*T^2 "
         "(T = patches + CLS); connector 6*N_conn*P (+ 12*Q*P*D for the resampler); decoder "
         "6*N_body*sum(S_i) + 12*L*D_attn*sum(S_i^2) with S_i the real sample lengths (padding "
-        "not counted), plus the LM head 6*V*D per supervised token. Same formula for every row.",
+        "not counted), plus the LM head 6*V*D per supervised token. Same formula for every row. "
+        "MFU (PaLM) charges the LM head on every token instead.",
         f"Captioning: batched greedy decoding of exactly {args.gen_tokens} new tokens "
         "(min_new_tokens = max_new_tokens) from a 12-token prompt with one image, training "
         "weights under the same autocast, KV cache on; lit-mllm via MultimodalLM.generate "

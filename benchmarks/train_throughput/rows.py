@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks.train_throughput.baseline import BaselineTrainee
+from benchmarks.train_throughput.best_transformers import BestTransformersTrainee
 from benchmarks.train_throughput.device import failure_status, free_memory
 from benchmarks.train_throughput.generation import GenResult, measure_generation
 from benchmarks.train_throughput.lit import LitTrainee
@@ -25,7 +26,8 @@ from lit_mllm.models.attention import varlen_available
 
 @dataclass
 class Choices:
-    """Attention backend and compile choice made on the first lit-mllm row, reused after."""
+    """Attention backend and compile choice made on a family's first row (lit-mllm, or the
+    best-transformers baseline), reused by its later rows."""
 
     attention: str | None = None
     compiled: bool | None = None
@@ -63,8 +65,22 @@ def probe(
     )
 
 
-def choose_lit_config(
-    trainee: LitTrainee,
+def attention_candidates(trainee: Trainee, args: argparse.Namespace) -> list[str]:
+    """The attention backends a row may choose from (``--lit-attn`` / ``--best-attn`` pick one)."""
+    device = trainee.device
+    if isinstance(trainee, BestTransformersTrainee):
+        names = ["sdpa"] + (["flex_attention"] if device.type == "cuda" else [])
+        return names if args.best_attn == "auto" else [args.best_attn]
+    names = ["sdpa"]
+    if varlen_available(device):
+        names.append("varlen")
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        names.append("flash_attention_2")
+    return names if args.lit_attn == "auto" else [args.lit_attn]
+
+
+def choose_config(
+    trainee: LitTrainee | BestTransformersTrainee,
     stream: SampleStream,
     args: argparse.Namespace,
     choices: Choices,
@@ -75,13 +91,7 @@ def choose_lit_config(
     probes: list[Measurement] = []
     device = trainee.device
     if choices.attention is None:
-        candidates = ["sdpa"]
-        if varlen_available(device):
-            candidates.append("varlen")
-        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-            candidates.append("flash_attention_2")
-        if args.lit_attn != "auto":
-            candidates = [args.lit_attn]
+        candidates = attention_candidates(trainee, args)
         if len(candidates) == 1:
             choices.attention = candidates[0]
         else:
@@ -150,13 +160,22 @@ def placeholder_row(row: str, decoder: str, status: str) -> Measurement:
     )
 
 
-def make_trainee(row: str, decoder: str, sizes: Sizes, device: torch.device) -> Trainee:
+def make_trainee(
+    row: str,
+    decoder: str,
+    sizes: Sizes,
+    device: torch.device,
+    liger: bool = True,
+    layout: bool = True,
+) -> Trainee:
     """The model and training loop of one row of the table."""
     if row == "baseline":
         return BaselineTrainee(sizes, decoder, device)
+    if row == "best-transformers":
+        return BestTransformersTrainee(sizes, decoder, device, liger=liger)
     if is_sliced(row):
         return SlicedLitTrainee(sizes, decoder, device, padded=is_padded(row))
-    return LitTrainee(sizes, decoder, row, device)
+    return LitTrainee(sizes, decoder, row, device, layout=layout)
 
 
 def run_row(
@@ -174,12 +193,17 @@ def run_row(
     trainee: Trainee | None = None
     report = RowReport(final=None)
     try:
-        trainee = make_trainee(row, decoder, sizes, device)
+        trainee = make_trainee(
+            row,
+            decoder,
+            sizes,
+            device,
+            liger=args.best_liger == "on",
+            layout=args.lit_layout == "on",
+        )
         batch_sizes = args.batch_sizes[row]
-        if isinstance(trainee, LitTrainee):
-            report.probes += choose_lit_config(
-                trainee, stream, args, choices, min(batch_sizes), budget
-            )
+        if isinstance(trainee, LitTrainee | BestTransformersTrainee):
+            report.probes += choose_config(trainee, stream, args, choices, min(batch_sizes), budget)
         if len(batch_sizes) > 1:
             report.probes += sweep(trainee, stream, batch_sizes, args, budget, report.probes)
         fitting = [m for m in report.probes if m.ok and _same_config(m, trainee)]
@@ -193,7 +217,7 @@ def run_row(
         final = report.final
         if args.profile_steps > 0 and final is not None and final.ok and device.type == "cuda":
             report.profile = profile_training(trainee, stream, final, args.profile_steps)
-        if args.gen_batches > 0 and not is_sliced(row):  # captions: unsliced rows only
+        if args.gen_batches > 0 and not is_sliced(row) and row != "best-transformers":
             report.generation = measure_generation(
                 trainee, stream, args.gen_batch_size, args.gen_batches, args.gen_tokens
             )

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, cuda: bool, command: str) -> str:
         t0 = time.perf_counter()
         loader = loader_benchmark(args, sizes)
         timeline.append(f"loader {time.perf_counter() - t0:.0f}s")
-    choices = Choices()
+    choices = {"best-transformers": Choices(), "lit": Choices()}  # per family
     for decoder in args.decoders:
         for row in [r for r in ALL_ROWS if r in args.rows]:
             elapsed = time.perf_counter() - started
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace, cuda: bool, command: str) -> str:
                 reports.append(RowReport(final=placeholder_row(row, decoder, reason)))
                 timeline.append(f"{decoder}/{row} skipped")
                 continue
-            report = run_row(row, decoder, sizes, device, stream, args, choices, budget)
+            family = choices["best-transformers" if row == "best-transformers" else "lit"]
+            report = run_row(row, decoder, sizes, device, stream, args, family, budget)
             reports.append(report)
             timeline.append(f"{decoder}/{row} {report.seconds:.0f}s")
             status = report.final.status if report.final else "-"

@@ -7,7 +7,9 @@ from typing import Any
 
 from lit_mllm.data.slicing import ImageSlicing
 
-ROWS = ("baseline", "mlp", "resampler")  # the default run
+# the default run: the naive and the best-tuned transformers LLaVA, then lit-mllm's two connectors
+ROWS = ("baseline", "best-transformers", "mlp", "resampler")
+BASELINE_ROWS = ("baseline", "best-transformers")
 # sliced images (MiniCPM-V adaptive slicing), only when --rows names them: the resampler
 # model reading a thumbnail + slices per image, packed, and the same model on right-padded rows
 SLICED_ROWS = ("resampler-sliced", "resampler-sliced-padded")
@@ -16,12 +18,16 @@ ALL_ROWS = ROWS + SLICED_ROWS
 
 def row_label(row: str) -> str:
     """How a row is named in the report's tables."""
-    return "baseline (HF LLaVA)" if row == "baseline" else f"lit-mllm {row}"
+    if row == "baseline":
+        return "naive transformers LLaVA"
+    if row == "best-transformers":
+        return "best transformers LLaVA"
+    return f"lit-mllm {row}"
 
 
 def row_connector(row: str) -> str:
-    """The connector of a row's model: the baseline's projector is an MLP."""
-    return "mlp" if row == "baseline" else row.split("-")[0]
+    """The connector of a row's model: the baselines' projector is an MLP."""
+    return "mlp" if row in BASELINE_ROWS else row.split("-")[0]
 
 
 def is_sliced(row: str) -> bool:
@@ -156,8 +162,9 @@ TINY = Sizes(
 )
 
 DEFAULT_BATCH_SIZES = {
-    "baseline": [2, 4, 8, 16],
-    "mlp": [8, 16, 32, 64],
+    "baseline": [4, 8, 12, 16],
+    "best-transformers": [8, 16, 32, 48, 64],
+    "mlp": [16, 32, 48, 64],
     "resampler": [16, 32, 64, 128],
     "resampler-sliced": [8, 16, 32, 64],  # ~5 views of 64 tokens per image: longer samples
     "resampler-sliced-padded": [8, 16, 32, 64],

@@ -51,17 +51,18 @@ class Trainee(ABC):
         size = self.sizes.image_size
         return torch.randn(n, 3, size, size, device=self.device)
 
-    def flops(self, batch: dict[str, Any]) -> float:
+    def flops(self, batch: dict[str, Any], head_on_every_token: bool = False) -> float:
         """Model FLOPs of one step (``lit_mllm.flops.step_flops``): the decoder on the real
         sample lengths, plus the encoder and connector on every image view at its own patch
         grid. ``batch["view_patches"]``: (views, patches per view) for each view size (sliced
-        rows); else one ``sizes.image_size`` image per sample."""
+        rows); else one ``sizes.image_size`` image per sample. ``head_on_every_token``: the
+        PaLM-style count, the LM head charged on every token instead of the supervised ones."""
         groups = batch.get("view_patches") or [(batch["num_samples"], self.sizes.patches)]
         return step_flops(
             self.spec,
             view_patches=[patches for count, patches in groups for _ in range(count)],
             sample_lengths=batch["lengths"],
-            supervised_tokens=batch["supervised"],
+            supervised_tokens=batch["num_tokens"] if head_on_every_token else batch["supervised"],
         )
 
     def zero_grad(self) -> None:
