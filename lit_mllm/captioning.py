@@ -91,6 +91,7 @@ def generation_config(
         do_sample=False,
         eos_token_id=list(end_ids),
         pad_token_id=pad_token_id,
+        cache_implementation="static" if decoding.cache == "static" else None,
     )
 
 

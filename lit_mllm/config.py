@@ -98,10 +98,16 @@ class DecodingConfig:
     """Caption decoding in validation / test / predict (YAML key ``model.generation``): greedy
     (``num_beams: 1``) or beam search, never sampling. With the end tokens these fields are the
     whole transformers ``GenerationConfig`` the decoder uses: a pretrained decoder's
-    generation_config.json (sampling, repetition penalty ...) does not apply."""
+    generation_config.json (sampling, repetition penalty ...) does not apply.
+
+    ``cache``: ``dynamic`` (the KV cache grows per token, every step runs eager) or ``static``
+    (preallocated; on CUDA transformers then compiles the decoding step with CUDA graphs, so a
+    step costs one graph launch instead of hundreds of kernel launches: the first batch pays the
+    compilation). The captions are the same tokens either way (tested in float32)."""
 
     max_new_tokens: int = 32
     num_beams: int = 1
+    cache: Literal["dynamic", "static"] = "dynamic"
 
 
 @dataclass

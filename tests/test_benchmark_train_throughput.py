@@ -53,7 +53,17 @@ TRAIN_COLUMNS = [
     "vs best transformers",
     "status",
 ]
-GEN_COLUMNS = ["row", "decoder", "batch", "new tokens", "captions/s", "vs baseline", "status"]
+GEN_COLUMNS = [
+    "row",
+    "decoder",
+    "batch",
+    "new tokens",
+    "cache",
+    "captions/s",
+    "vs baseline",
+    "tokens as dynamic cache",
+    "status",
+]
 LOADER_COLUMNS = ["workers", "batch", "image px", "samples/s", "best lit train samples/s", "ratio"]
 SLICED_COLUMNS = [
     "row",
@@ -139,9 +149,19 @@ def test_tiny_run_reports_every_row_with_finite_numbers(tmp_path: Path) -> None:
     assert mlp["compile"] == "no" and mlp["attention"] == "sdpa"  # CPU: no compile, no varlen
 
     gen = tables["Validation captioning speed (batched greedy decoding)"]
-    assert gen[0] == GEN_COLUMNS and len(gen) == 4
+    assert gen[0] == GEN_COLUMNS and len(gen) == 6
+    caches = [(row[0], row[4]) for row in gen[1:]]
+    assert caches == [
+        ("naive transformers LLaVA", "dynamic"),
+        ("lit-mllm mlp", "dynamic"),
+        ("lit-mllm mlp", "static"),
+        ("lit-mllm resampler", "dynamic"),
+        ("lit-mllm resampler", "static"),
+    ]
     for row in gen[1:]:
-        assert row[-1] == "ok" and row[3] == "32" and _number(row[4]) > 0
+        assert row[-1] == "ok" and row[3] == "32" and _number(row[5]) > 0
+        # float32 on the CPU: the static cache decodes exactly the dynamic cache's tokens
+        assert row[7] == ("100.0 %" if row[4] == "static" else "-")
 
     loader = tables["Data loader (MLLMDataModule, JPEG decode + transform + tokenise)"]
     assert loader[0] == LOADER_COLUMNS and len(loader) == 2

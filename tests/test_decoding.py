@@ -120,3 +120,30 @@ def test_a_template_with_two_end_of_turn_ids_stops_on_either(tmp_path: Path) -> 
             assert generated.shape[1] == 1, (stop, generated)  # stopped at once
     assert module.end_token_ids == [eos, end]
     assert module.hf_generation_config().eos_token_id == [eos, end]
+
+
+def test_static_cache_captions_are_the_dynamic_caches_tokens(tmp_path: Path) -> None:
+    """``model.generation.cache: static`` (CUDA: a compiled, CUDA-graphed decoding step) must
+    decode the same tokens as the dynamic cache; float32 on the CPU, where it runs eager."""
+    tokenizer = load_tokenizer("tiny")
+    add_image_tokens(tokenizer)
+    _save_decoder(tmp_path / "dec", len(tokenizer))
+    decoder = {"name_or_path": str(tmp_path / "dec"), "config": None}
+    captions, tokens = {}, {}
+    for cache in ("dynamic", "static"):
+        module = micro_module(
+            decoder=decoder, generation={"max_new_tokens": NEW_TOKENS, "cache": cache}
+        )
+        module.eval()
+        batch = MLLMCollator(module.tokenizer.pad_token_id)(_prompt_items(module))
+        with torch.no_grad():
+            tokens[cache] = module.model.generate(
+                batch["pixel_values"],
+                batch["prompt_ids"],
+                batch["prompt_attention_mask"],
+                generation_config=module.hf_generation_config(),
+            )
+            captions[cache] = module.caption(batch)
+    assert module.hf_generation_config().cache_implementation == "static"
+    assert torch.equal(tokens["static"], tokens["dynamic"])
+    assert captions["static"] == captions["dynamic"] and len(set(captions["dynamic"])) > 1

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-batch-size", type=int, default=None, help="captions per batch (32)")
     p.add_argument("--gen-batches", type=int, default=None, help="timed batches (3; 0 = skip)")
     p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument(
+        "--gen-cache",
+        default="both",
+        choices=["dynamic", "both"],
+        help="lit rows: the dynamic KV cache, or it and the static one (compiled step on CUDA)",
+    )
     p.add_argument("--loader-workers", default=None, help="comma list (default: min(8, cores))")
     p.add_argument("--loader-batch-size", type=int, default=None)
     p.add_argument("--loader-batches", type=int, default=None, help="timed batches (0 = skip)")

@@ -113,7 +113,11 @@ class BaselineTrainee(Trainee):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def generate(self, samples: Sequence[Sample], new_tokens: int) -> torch.Tensor:
+    def generate(
+        self, samples: Sequence[Sample], new_tokens: int, cache: str = "dynamic"
+    ) -> torch.Tensor:
+        if cache != "dynamic":
+            raise ValueError("the naive baseline decodes with transformers' default cache")
         ids = torch.stack([render(s, self.image_block)[0] for s in samples]).to(self.device)
         self.model.eval()
         try:

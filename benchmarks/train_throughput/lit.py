@@ -117,7 +117,11 @@ class LitTrainee(Trainee):
         """The images of a collated batch on the device: one random square image per sample."""
         return self.pixels(batch["num_samples"])
 
-    def generate(self, samples: Sequence[Sample], new_tokens: int) -> torch.Tensor:
+    def generate(
+        self, samples: Sequence[Sample], new_tokens: int, cache: str = "dynamic"
+    ) -> torch.Tensor:
+        """Through ``MultimodalLM.generate``; ``static``: the cache of ``model.generation.cache:
+        static``, with which transformers compiles the decoding step on CUDA."""
         ids = torch.stack([render(s, self.image_block)[0] for s in samples]).to(self.device)
         attention = self.attention
         self.set_attention("sdpa")  # KV-cache decoding: the stock path (generate runs eager)
@@ -132,6 +136,7 @@ class LitTrainee(Trainee):
                     min_new_tokens=new_tokens,
                     eos_token_id=None,
                     pad_token_id=self.pad_token_id,
+                    cache_implementation="static" if cache == "static" else None,
                 )
         finally:
             self.module.train()

@@ -54,7 +54,17 @@ SLICED_COLUMNS = (
     "status",
 )
 SLICED_TARGETS = (1.5, 0.9)  # packed/padded real tok/s; MFU sliced packed / unsliced resampler
-GEN_COLUMNS = ("row", "decoder", "batch", "new tokens", "captions/s", "vs baseline", "status")
+GEN_COLUMNS = (
+    "row",
+    "decoder",
+    "batch",
+    "new tokens",
+    "cache",
+    "captions/s",
+    "vs baseline",
+    "tokens as dynamic cache",
+    "status",
+)
 LOADER_COLUMNS = ("workers", "batch", "image px", "samples/s", "best lit train samples/s", "ratio")
 PROBE_COLUMNS = (
     "row",
@@ -201,8 +211,10 @@ def _generation_table(gens: Sequence[GenResult]) -> list[str]:
                 g.decoder,
                 str(g.batch_size),
                 str(g.new_tokens),
+                g.cache,
                 _fmt(g.captions_per_s, 2),
                 _ratio(ratio),
+                f"{100 * g.agreement:.1f} %" if math.isfinite(g.agreement) else "-",
                 g.status,
             ]
         )
@@ -267,7 +279,7 @@ def render_report(
         lines += ["", "## Where the step time goes (torch.profiler)", ""]
         for text in profiles:
             lines += [text, ""]
-    gens = [r.generation for r in reports if r.generation is not None]
+    gens = [g for r in reports for g in r.generation]
     if gens:
         lines += ["", "## Validation captioning speed (batched greedy decoding)", ""]
         lines += _generation_table(gens)
@@ -297,7 +309,7 @@ def write_outputs(
         "header": header,
         "rows": [asdict(r.final) for r in reports if r.final is not None],
         "probes": [asdict(p) for r in reports for p in r.probes],
-        "generation": [asdict(r.generation) for r in reports if r.generation is not None],
+        "generation": [asdict(g) for r in reports for g in r.generation],
         "loader": [asdict(r) for r in loader],
         "peak_flops": peak,
     }

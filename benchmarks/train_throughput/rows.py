@@ -39,7 +39,7 @@ class RowReport:
 
     final: Measurement | None
     probes: list[Measurement] = field(default_factory=list)
-    generation: GenResult | None = None
+    generation: list[GenResult] = field(default_factory=list)
     profile: str | None = None
     seconds: float = 0.0
 
@@ -218,9 +218,12 @@ def run_row(
         if args.profile_steps > 0 and final is not None and final.ok and device.type == "cuda":
             report.profile = profile_training(trainee, stream, final, args.profile_steps)
         if args.gen_batches > 0 and not is_sliced(row) and row != "best-transformers":
-            report.generation = measure_generation(
-                trainee, stream, args.gen_batch_size, args.gen_batches, args.gen_tokens
-            )
+            sizes_args = (stream, args.gen_batch_size, args.gen_batches, args.gen_tokens)
+            dynamic, tokens = measure_generation(trainee, *sizes_args)
+            report.generation.append(dynamic)
+            if isinstance(trainee, LitTrainee) and args.gen_cache == "both":
+                static, _ = measure_generation(trainee, *sizes_args, "static", tokens)
+                report.generation.append(static)
     except Exception as error:  # building the row failed: report it, go on with the others
         report.final = placeholder_row(row, decoder, failure_status(error))
     finally:

@@ -102,5 +102,7 @@ class SlicedLitTrainee(LitTrainee):
         pixels = [torch.randn(len(pos), 3, h, w, device=self.device) for (h, w), pos in groups]
         return ImageViews(pixels, [list(pos) for _, pos in groups])
 
-    def generate(self, samples: Sequence[Sample], new_tokens: int) -> torch.Tensor:
+    def generate(
+        self, samples: Sequence[Sample], new_tokens: int, cache: str = "dynamic"
+    ) -> torch.Tensor:
         raise NotImplementedError("captioning speed is measured on the unsliced rows only")

@@ -44,8 +44,11 @@ class Trainee(ABC):
         """One optimiser step: forward, backward, update, gradients dropped."""
 
     @abstractmethod
-    def generate(self, samples: Sequence[Sample], new_tokens: int) -> torch.Tensor:
-        """Greedy captions of exactly ``new_tokens`` tokens: (len(samples), new_tokens) ids."""
+    def generate(
+        self, samples: Sequence[Sample], new_tokens: int, cache: str = "dynamic"
+    ) -> torch.Tensor:
+        """Greedy captions of exactly ``new_tokens`` tokens: (len(samples), new_tokens) ids.
+        ``cache``: ``dynamic`` or ``static`` KV cache (the baselines: dynamic only)."""
 
     def pixels(self, n: int) -> torch.Tensor:
         size = self.sizes.image_size

@@ -116,6 +116,29 @@ def varlen_available(device: torch.device) -> bool:
 
 
 @torch.compiler.disable
+def _packed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position_ids: torch.Tensor,
+    scaling: float | None,
+    cu: torch.Tensor | None,
+    max_len: int | None,
+) -> torch.Tensor:
+    """A packed row through the varlen kernel; outside torch.compile (the kernel and the
+    segment table are not traceable), so a compiled layer breaks its graph here only."""
+    if cu is None:  # not handed over by the model (its TokenLayout): found here, one sync
+        cu, max_len = packed_segments(position_ids)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    dtype = query.dtype
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
+    use_flash = q.is_cuda and dtype in (torch.bfloat16, torch.float16) and _torch_varlen()
+    out = (flash_varlen if use_flash else reference_varlen)(q, k, v, cu, max_len, scale)
+    return out.unsqueeze(0)  # (1, T, H, D) like transformers' SDPA function
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -130,7 +153,8 @@ def varlen_attention_forward(
 
     Registered under ``lit_varlen``. ``varlen_mask`` leaves the mask out only for one unpadded
     row, so packed rows arrive with ``attention_mask=None`` and their ``position_ids``; anything
-    else (padding masks, KV-cache decoding) goes to the stock SDPA function.
+    else (padding masks, KV-cache decoding) goes to the stock SDPA function, traceable, so a
+    compiled decoding step (static cache) stays one graph.
     """
     position_ids = kwargs.get("position_ids")
     packed = (
@@ -144,16 +168,7 @@ def varlen_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if cu is None:  # not handed over by the model (its TokenLayout): found here, one sync
-        cu, max_len = packed_segments(position_ids)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    dtype = query.dtype
-    if query.is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
-    use_flash = q.is_cuda and dtype in (torch.bfloat16, torch.float16) and _torch_varlen()
-    out = (flash_varlen if use_flash else reference_varlen)(q, k, v, cu, max_len, scale)
-    return out.unsqueeze(0), None  # (1, T, H, D) like transformers' SDPA function
+    return _packed_attention(query, key, value, position_ids, scaling, cu, max_len), None
 
 
 def varlen_mask(

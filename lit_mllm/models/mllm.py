@@ -311,7 +311,10 @@ class MultimodalLM(nn.Module):
             generation_config = copy.deepcopy(generation_config)
             generation_config.update(**generate_kwargs)
         self.language_model().generation_config = generation_config
-        with torch.compiler.set_stance("force_eager"):
+        # eager, except with a static cache: transformers then compiles the decoding step
+        # (shapes fixed by the cache), where the compiled blocks would recompile at every length
+        static = generation_config.cache_implementation == "static"
+        with torch.compiler.set_stance("default" if static else "force_eager"):
             embeds = self.embed(prompt_ids, pixel_values, image_features=image_features)
             return self.decoder.generate(
                 inputs_embeds=embeds,
