@@ -264,6 +264,14 @@ def test_best_transformers_row_packs_without_padding_and_trains_the_naive_rows_l
         with torch.no_grad():
             losses.append(trainee.model(pixel_values=pixels, use_cache=False, **inputs).loss)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    # the fused-loss path (liger on CUDA) shifts hidden states and labels like LLaVA does:
+    # checked with plain cross-entropy in its place
+    best.pixels = lambda n: pixels[:n]
+    best.fused_loss = lambda weight, hidden, target: torch.nn.functional.cross_entropy(
+        hidden @ weight.T, target
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(best.loss(packed), losses[0], rtol=1e-5, atol=1e-5)
 
 
 def test_lit_row_with_and_without_the_collators_layout_trains_alike() -> None:

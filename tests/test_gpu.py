@@ -26,7 +26,7 @@ def test_bf16_mixed_fit_lowers_the_loss() -> None:
     with torch.no_grad():
         first = float(module.eval()(batch)[0])
     _fit(module, 30, accelerator="cuda", precision="bf16-mixed")
-    module.eval()
+    module.cuda().eval()  # the Trainer's teardown moved it back to the CPU
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         last = float(module(_on_cuda(batch))[0])
     assert torch.isfinite(torch.tensor(last)) and last < 0.5 * first, (first, last)

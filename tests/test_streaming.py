@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytest.importorskip("litdata", reason="streamed shards need litdata (not on every GPU image)")
+
 from corrupt_corpus import CORPUS_NAME, write_corrupt_corpus
 from micro import MICRO_MODEL
 from test_bad_data import DATA_CONFIG, MAX_LENGTH, CountTrained, _trainer

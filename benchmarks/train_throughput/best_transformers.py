@@ -7,8 +7,12 @@
   look for packed sequences, so every sample would attend to the ones before it (found by the
   parity test). flash-attn (the only backend that reads the collator's ``cu_seq_lens``
   directly) is not installed on the device;
-- liger-kernel's LLaVA patch: fused linear cross-entropy (no full-vocabulary logits) and, through
-  it, the Qwen2 patch (RMSNorm, SwiGLU, RoPE);
+- liger-kernel: its LLaVA patch fails with transformers 5.24 (liger 0.8.5's output class
+  lacks ``image_hidden_states``), so the row applies liger's Qwen2 patch to the language model
+  (RMSNorm, SwiGLU) and calls liger's fused linear cross-entropy on the hidden states itself
+  (no full-vocabulary logits). Liger's RoPE patch is left off: it replaces transformers'
+  module-level function for every Qwen2 model of the process (the lit-mllm rows measured
+  later would run it too); its class replacements are undone for the same reason;
 - regional ``torch.compile`` of the decoder layers (dynamic shapes: packed rows change length),
   tried against eager like every other choice;
 - fused AdamW, the frozen vision tower in bf16 (a skilled user would not keep it in fp32).
@@ -44,13 +48,37 @@ class BestTransformersTrainee(BaselineTrainee):
 
         self.flatten = DataCollatorWithFlattening(return_position_ids=True)
         self.liger = liger and liger_available(device)
+        self.fused_loss = None
         if self.liger:
-            from liger_kernel.transformers import apply_liger_kernel_to_llava
-
-            apply_liger_kernel_to_llava(fused_linear_cross_entropy=True, model=self.model)
+            self.fused_loss = self._apply_liger()
         if device.type == "cuda":
             self.model.model.vision_tower.to(torch.bfloat16)
         self.layers_compiled = False
+
+    def _apply_liger(self) -> torch.nn.Module:
+        """Liger's RMSNorm and SwiGLU on this model's language model only; its fused linear
+        cross-entropy as the loss."""
+        from liger_kernel.transformers import (
+            LigerFusedLinearCrossEntropyLoss,
+            apply_liger_kernel_to_qwen2,
+        )
+        from transformers.models.qwen2 import modeling_qwen2
+
+        names = ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP", "Qwen2ForCausalLM")
+        before = {name: getattr(modeling_qwen2, name) for name in names}
+        forward = modeling_qwen2.Qwen2ForCausalLM.forward
+        apply_liger_kernel_to_qwen2(
+            rope=False,
+            cross_entropy=False,
+            fused_linear_cross_entropy=False,
+            rms_norm=True,
+            swiglu=True,
+            model=self.model.model.language_model,
+        )
+        for name, value in before.items():  # other models of this process stay stock
+            setattr(modeling_qwen2, name, value)
+        modeling_qwen2.Qwen2ForCausalLM.forward = forward
+        return LigerFusedLinearCrossEntropyLoss()
 
     def make_optimizer(self, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(trainable, lr=1e-5, fused=self.device.type == "cuda")
@@ -76,16 +104,26 @@ class BestTransformersTrainee(BaselineTrainee):
         return batch
 
     def step(self, batch: dict[str, Any]) -> None:
-        dev = self.device
-        stance = "default" if self.compiled else "force_eager"
-        with autocast(dev), torch.compiler.set_stance(stance):
-            out = self.model(
-                input_ids=batch["input_ids"].to(dev, non_blocking=True),
-                pixel_values=self.pixels(batch["num_samples"]),
-                position_ids=batch["position_ids"].to(dev, non_blocking=True),
-                labels=batch["labels"].to(dev, non_blocking=True),
-                use_cache=False,  # with a KV cache transformers ignores the packing (see above)
-            )
-        out.loss.backward()
+        self.loss(batch).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean next-token loss of a packed batch (liger's fused loss when it is on)."""
+        dev = self.device
+        stance = "default" if self.compiled else "force_eager"
+        inputs = {
+            "input_ids": batch["input_ids"].to(dev, non_blocking=True),
+            "pixel_values": self.pixels(batch["num_samples"]),
+            "position_ids": batch["position_ids"].to(dev, non_blocking=True),
+            "use_cache": False,  # with a KV cache transformers ignores the packing (see above)
+        }
+        labels = batch["labels"].to(dev, non_blocking=True)
+        with autocast(dev), torch.compiler.set_stance(stance):
+            if self.fused_loss is None:
+                loss = self.model(**inputs, labels=labels).loss
+            else:  # hidden states -> liger's fused head + cross-entropy, shifted by one
+                hidden = self.model.model(**inputs).last_hidden_state
+                head = self.model.get_output_embeddings().weight
+                loss = self.fused_loss(head, hidden[0, :-1], labels[0, 1:])
+        return loss

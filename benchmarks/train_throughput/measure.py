@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -166,6 +168,8 @@ def measure(
         result.alloc_retries = alloc_retries(device) - retries
     except Exception as error:  # OOM or a failing kernel/compile: recorded, run continues
         failure = failure_status(error)
+        if failure != "OOM":  # the table keeps one line: the whole story goes to stderr
+            traceback.print_exc(file=sys.stderr)
     if failure is not None:  # outside the except: the traceback's tensors are released
         result.status = failure
         trainee.zero_grad()

@@ -18,7 +18,7 @@ from benchmarks.train_throughput.loader import LoaderResult, loader_benchmark
 from benchmarks.train_throughput.notes import build_notes, device_name, versions
 from benchmarks.train_throughput.report import render_report, write_outputs
 from benchmarks.train_throughput.rows import Choices, RowReport, placeholder_row, run_row
-from benchmarks.train_throughput.sizes import ALL_ROWS, REAL, TINY, Sizes
+from benchmarks.train_throughput.sizes import REAL, TINY, Sizes
 from benchmarks.train_throughput.stream import SampleStream
 from lit_mllm.flops import peak_flops
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, cuda: bool, command: str) -> str:
         timeline.append(f"loader {time.perf_counter() - t0:.0f}s")
     choices = {"best-transformers": Choices(), "lit": Choices()}  # per family
     for decoder in args.decoders:
-        for row in [r for r in ALL_ROWS if r in args.rows]:
+        for row in dict.fromkeys(args.rows):  # in the order given
             elapsed = time.perf_counter() - started
             done = [r.seconds for r in reports]
             expected = max(done) if done else 0.0

@@ -312,9 +312,11 @@ class MultimodalLM(nn.Module):
             generation_config.update(**generate_kwargs)
         self.language_model().generation_config = generation_config
         # eager, except with a static cache: transformers then compiles the decoding step
-        # (shapes fixed by the cache), where the compiled blocks would recompile at every length
+        # (shapes fixed by the cache). The blocks compiled for training would recompile for
+        # no-grad decoding at every length (measured: 2.4x slower captions): "eager_on_recompile"
+        # runs them eager and still compiles the decoding step the first time
         static = generation_config.cache_implementation == "static"
-        with torch.compiler.set_stance("default" if static else "force_eager"):
+        with torch.compiler.set_stance("eager_on_recompile" if static else "force_eager"):
             embeds = self.embed(prompt_ids, pixel_values, image_features=image_features)
             return self.decoder.generate(
                 inputs_embeds=embeds,
