@@ -214,8 +214,8 @@ def test_render_puts_the_image_block_in_and_never_supervises_it() -> None:
     assert labels.tolist() == [ignore] * 9 + [104, 105, ignore, 107, 108, 109]
 
 
-def test_set_attention_switches_the_decoder_and_keeps_the_loss() -> None:
-    """The lit-mllm rows' attention choice reaches the decoder; packed rows train alike."""
+def _tiny_lit_mlp() -> tuple[LitTrainee, dict, dict]:
+    """The tiny lit-mllm MLP row, a collated 3-sample batch and the module's batch from it."""
     torch.manual_seed(0)
     trainee = LitTrainee(TINY, "0.5b", "mlp", torch.device("cpu"))
     stream = SampleStream(TINY, 0, (16, 1000))
@@ -228,6 +228,12 @@ def test_set_attention_switches_the_decoder_and_keeps_the_loss() -> None:
         "pixel_values": torch.randn(3, 3, 32, 32),
     }
     trainee.module.eval()
+    return trainee, batch, model_batch
+
+
+def test_set_attention_switches_the_decoder_and_keeps_the_loss() -> None:
+    """The lit-mllm rows' attention choice reaches the decoder; packed rows train alike."""
+    trainee, _, model_batch = _tiny_lit_mlp()
     losses = {}
     for name in ("sdpa", "varlen"):
         trainee.set_attention(name)
@@ -275,19 +281,8 @@ def test_best_transformers_row_packs_without_padding_and_trains_the_naive_rows_l
 
 
 def test_lit_row_with_and_without_the_collators_layout_trains_alike() -> None:
-    torch.manual_seed(0)
-    trainee = LitTrainee(TINY, "0.5b", "mlp", torch.device("cpu"))
-    stream = SampleStream(TINY, 0, (16, 1000))
-    batch = trainee.collate(stream.batch(0, 3, warmup=False))
+    trainee, batch, model_batch = _tiny_lit_mlp()
     assert batch["layout"].num_supervised == batch["supervised"]
-    model_batch = {
-        "input_ids": batch["input_ids"],
-        "labels": batch["labels"],
-        "position_ids": batch["position_ids"],
-        "attention_mask": None,
-        "pixel_values": torch.randn(3, 3, 32, 32),
-    }
-    trainee.module.eval()
     without = trainee.module(model_batch)[0]
     with_layout = trainee.module({**model_batch, "layout": batch["layout"]})[0]
     torch.testing.assert_close(with_layout, without, rtol=1e-6, atol=1e-6)

@@ -8,6 +8,7 @@ between kernels. The model finds the same layout itself when a batch has none.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -68,28 +69,18 @@ class TokenLayout:
         """Lightning moves a batch value with a ``to`` method by calling it without
         ``non_blocking``; a blocking copy to the GPU would wait for all queued work (a sync),
         so the default here does not block."""
-
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return replace(
-            self,
-            image_slots=move(self.image_slots),
-            supervised=move(self.supervised),
-            targets=move(self.targets),
-            cu_seqlens=move(self.cu_seqlens),
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> TokenLayout:
         """The DataLoader's ``pin_memory`` calls this, so the copies above can overlap."""
+        return self._map(Tensor.pin_memory)
 
-        def pin(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.pin_memory()
-
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> TokenLayout:
+        cu = None if self.cu_seqlens is None else fn(self.cu_seqlens)
         return replace(
             self,
-            image_slots=pin(self.image_slots),
-            supervised=pin(self.supervised),
-            targets=pin(self.targets),
-            cu_seqlens=pin(self.cu_seqlens),
+            image_slots=fn(self.image_slots),
+            supervised=fn(self.supervised),
+            targets=fn(self.targets),
+            cu_seqlens=cu,
         )
