@@ -66,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--best-attn", default="auto", choices=["auto", "sdpa", "flex_attention"]
     )  # the best-transformers row's attention (auto: the faster of the two)
-    p.add_argument("--best-liger", default="on", choices=["on", "off"], help="liger-kernel patches")
     p.add_argument(
         "--lit-layout",
         default="on",

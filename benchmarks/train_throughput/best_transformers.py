@@ -49,7 +49,12 @@ class BestTransformersTrainee(BaselineTrainee):
         self.flatten = DataCollatorWithFlattening(return_position_ids=True)
         self.liger = liger and liger_available(device)
         self.fused_loss = None
-        if self.liger:
+        if liger:
+            self.row = "best-transformers-liger"
+            # dynamo fails on liger's RMSNorm autograd Function (AssertionError in
+            # overwrite_tensor_vt_proxy, torch 2.11): this variant stays eager
+            self.can_compile = False
+        if self.liger:  # CUDA with liger-kernel installed; elsewhere the stock modules
             self.fused_loss = self._apply_liger()
         if device.type == "cuda":
             self.model.model.vision_tower.to(torch.bfloat16)

@@ -65,11 +65,13 @@ def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) ->
         "Best transformers: the same LLaVA with padding-free rows from transformers' "
         "DataCollatorWithFlattening (position ids restart per sample; transformers derives the "
         "block-diagonal mask: 'sdpa' dense, 'flex_attention' block-sparse, the faster kept), "
-        f"liger-kernel's LLaVA patch ({'on' if args.best_liger == 'on' else 'off'}: fused "
-        "linear cross-entropy, and via Qwen2 RMSNorm, SwiGLU, RoPE; CUDA only), regional "
-        "torch.compile of the decoder layers (kept when it wins, as for lit-mllm), the frozen "
-        "vision tower in bf16, fused AdamW. flash-attn, the one backend that reads the "
-        "collator's cu_seq_lens directly, is not installed.",
+        "two variants: regional torch.compile of the decoder layers (kept when it wins, as for "
+        "lit-mllm), or liger-kernel (eager: its autograd Functions fail under torch.compile; its "
+        "LLaVA patch fails with transformers 5.24, so liger's Qwen2 RMSNorm + SwiGLU on the "
+        "language model and its fused linear cross-entropy on the hidden states; CUDA only); "
+        "the frozen vision tower in bf16, fused AdamW; the faster variant is the bar. "
+        "flash-attn, the one backend that reads the collator's cu_seq_lens directly, is not "
+        "installed.",
         f"lit-mllm: MLLMModule (timm {sizes.encoder_name}, pretrained false, feature_layer -2; "
         f"decoder from a Qwen2 `config:` dict, vocab {vocab[0]}, train full) stepped "
         f"as module(batch) -> loss; loss.backward(); AdamW(fused={cuda}).step(): packing (one row "

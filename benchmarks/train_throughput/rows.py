@@ -17,7 +17,13 @@ from benchmarks.train_throughput.generation import GenResult, measure_generation
 from benchmarks.train_throughput.lit import LitTrainee
 from benchmarks.train_throughput.measure import Measurement, measure
 from benchmarks.train_throughput.profiling import profile_training
-from benchmarks.train_throughput.sizes import Sizes, is_padded, is_sliced, row_connector
+from benchmarks.train_throughput.sizes import (
+    BEST_ROWS,
+    Sizes,
+    is_padded,
+    is_sliced,
+    row_connector,
+)
 from benchmarks.train_throughput.sliced import SlicedLitTrainee
 from benchmarks.train_throughput.stream import SampleStream
 from benchmarks.train_throughput.trainee import Trainee
@@ -102,7 +108,9 @@ def choose_config(
             choices.attention = best.attention if best else "sdpa"
     trainee.set_attention(choices.attention)
     if choices.compiled is None:
-        if args.compile == "auto" and device.type == "cuda":
+        if not trainee.can_compile:
+            choices.compiled = False
+        elif args.compile == "auto" and device.type == "cuda":
             eager = [m for m in probes if m.attention == choices.attention and m.ok]
             if not eager:
                 eager = [probe(trainee, stream, batch_size, args, "compile", budget)]
@@ -165,14 +173,13 @@ def make_trainee(
     decoder: str,
     sizes: Sizes,
     device: torch.device,
-    liger: bool = True,
     layout: bool = True,
 ) -> Trainee:
     """The model and training loop of one row of the table."""
     if row == "baseline":
         return BaselineTrainee(sizes, decoder, device)
-    if row == "best-transformers":
-        return BestTransformersTrainee(sizes, decoder, device, liger=liger)
+    if row in BEST_ROWS:
+        return BestTransformersTrainee(sizes, decoder, device, liger=row.endswith("-liger"))
     if is_sliced(row):
         return SlicedLitTrainee(sizes, decoder, device, padded=is_padded(row))
     return LitTrainee(sizes, decoder, row, device, layout=layout)
@@ -193,14 +200,7 @@ def run_row(
     trainee: Trainee | None = None
     report = RowReport(final=None)
     try:
-        trainee = make_trainee(
-            row,
-            decoder,
-            sizes,
-            device,
-            liger=args.best_liger == "on",
-            layout=args.lit_layout == "on",
-        )
+        trainee = make_trainee(row, decoder, sizes, device, layout=args.lit_layout == "on")
         batch_sizes = args.batch_sizes[row]
         if isinstance(trainee, LitTrainee | BestTransformersTrainee):
             report.probes += choose_config(trainee, stream, args, choices, min(batch_sizes), budget)
@@ -217,7 +217,7 @@ def run_row(
         final = report.final
         if args.profile_steps > 0 and final is not None and final.ok and device.type == "cuda":
             report.profile = profile_training(trainee, stream, final, args.profile_steps)
-        if args.gen_batches > 0 and not is_sliced(row) and row != "best-transformers":
+        if args.gen_batches > 0 and not is_sliced(row) and row not in BEST_ROWS:
             sizes_args = (stream, args.gen_batch_size, args.gen_batches, args.gen_tokens)
             dynamic, tokens = measure_generation(trainee, *sizes_args)
             report.generation.append(dynamic)

@@ -18,7 +18,7 @@ from benchmarks.train_throughput.loader import LoaderResult, loader_benchmark
 from benchmarks.train_throughput.notes import build_notes, device_name, versions
 from benchmarks.train_throughput.report import render_report, write_outputs
 from benchmarks.train_throughput.rows import Choices, RowReport, placeholder_row, run_row
-from benchmarks.train_throughput.sizes import REAL, TINY, Sizes
+from benchmarks.train_throughput.sizes import BEST_ROWS, REAL, TINY, Sizes
 from benchmarks.train_throughput.stream import SampleStream
 from lit_mllm.flops import peak_flops
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, cuda: bool, command: str) -> str:
         t0 = time.perf_counter()
         loader = loader_benchmark(args, sizes)
         timeline.append(f"loader {time.perf_counter() - t0:.0f}s")
-    choices = {"best-transformers": Choices(), "lit": Choices()}  # per family
+    choices: dict[str, Choices] = {}  # per family: each tuned transformers row, and lit-mllm
     for decoder in args.decoders:
         for row in dict.fromkeys(args.rows):  # in the order given
             elapsed = time.perf_counter() - started
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, cuda: bool, command: str) -> str:
                 reports.append(RowReport(final=placeholder_row(row, decoder, reason)))
                 timeline.append(f"{decoder}/{row} skipped")
                 continue
-            family = choices["best-transformers" if row == "best-transformers" else "lit"]
+            family = choices.setdefault(row if row in BEST_ROWS else "lit", Choices())
             report = run_row(row, decoder, sizes, device, stream, args, family, budget)
             reports.append(report)
             timeline.append(f"{decoder}/{row} {report.seconds:.0f}s")

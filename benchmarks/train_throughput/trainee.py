@@ -28,6 +28,7 @@ class Trainee(ABC):
     connector: str
     attention: str = "sdpa"
     compiled: bool = False
+    can_compile: bool = True  # False: the row stays eager whatever --compile says
     image_tokens: int
     spec: FlopsSpec
     optimizer: torch.optim.Optimizer
