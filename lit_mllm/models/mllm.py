@@ -312,9 +312,9 @@ class MultimodalLM(nn.Module):
             generation_config.update(**generate_kwargs)
         self.language_model().generation_config = generation_config
         # eager, except with a static cache: transformers then compiles the decoding step
-        # (shapes fixed by the cache). The blocks compiled for training would recompile for
-        # no-grad decoding at every length (measured: 2.4x slower captions): "eager_on_recompile"
-        # runs them eager and still compiles the decoding step the first time
+        # (shapes fixed by the cache). Blocks compiled for training recompile for no-grad
+        # decoding; "eager_on_recompile" runs them eager instead (1.5B on an H200: 29.7
+        # captions/s, 15.0 with the default stance, 63.7 when no block was compiled)
         static = generation_config.cache_implementation == "static"
         with torch.compiler.set_stance("eager_on_recompile" if static else "force_eager"):
             embeds = self.embed(prompt_ids, pixel_values, image_features=image_features)
