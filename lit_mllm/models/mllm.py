@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from lit_mllm.models.attention import VARLEN_ATTENTION
-from lit_mllm.models.token_layout import TokenLayout
+from lit_mllm.models.token_layout import TokenLayout, image_slot_positions
 from lit_mllm.models.views import ImageViews
 from lit_mllm.models.vision import VisionEncoder
 from lit_mllm.tokens import IGNORE_INDEX, ImageTokenIds
@@ -139,8 +139,9 @@ class MultimodalLM(nn.Module):
         them they are found here, at the cost of a host sync.
         """
         embeds = self.decoder.get_input_embeddings()(input_ids)
-        is_patch = input_ids == self.image_token_ids.patch
-        num_slots = int(is_patch.sum()) if image_slots is None else len(image_slots)
+        if image_slots is None:
+            image_slots = image_slot_positions(input_ids, self.image_token_ids.patch)
+        num_slots = len(image_slots)
         features = image_features
         if features is None and has_images(pixel_values):
             features = self.image_features(pixel_values)
@@ -154,7 +155,7 @@ class MultimodalLM(nn.Module):
                 return embeds + self.placeholder_image_anchor(embeds)
             return embeds
         if num_slots != features.shape[0]:
-            per_row = is_patch.sum(dim=1).tolist()
+            per_row = (input_ids == self.image_token_ids.patch).sum(dim=1).tolist()
             raise ImageTokenMismatchError(
                 f"the batch has {num_slots} <im_patch> tokens (per row {per_row}) but its images "
                 f"give {features.shape[0]} image features"
@@ -163,8 +164,6 @@ class MultimodalLM(nn.Module):
                 "tokens_per_view) equal the model's."
             )
         features = features.to(embeds.dtype)
-        if image_slots is None:
-            return embeds.masked_scatter(is_patch.unsqueeze(-1), features)
         return embeds.flatten(0, 1).index_copy(0, image_slots, features).view_as(embeds)
 
     def placeholder_image_anchor(self, embeds: Tensor) -> Tensor:

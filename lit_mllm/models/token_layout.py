@@ -17,6 +17,11 @@ from torch import Tensor
 from lit_mllm.tokens import IGNORE_INDEX
 
 
+def image_slot_positions(input_ids: Tensor, image_patch_id: int) -> Tensor:
+    """Flat positions (``row * width + column``) of the ``<im_patch>`` tokens, in text order."""
+    return (input_ids.flatten() == image_patch_id).nonzero().flatten()
+
+
 @dataclass
 class TokenLayout:
     """Flat positions into a (rows, width) batch: ``row * width + column``.
@@ -43,14 +48,13 @@ class TokenLayout:
         cu_seqlens: Tensor | None = None,
     ) -> TokenLayout:
         width = input_ids.shape[1]
-        slots = (input_ids.flatten() == image_patch_id).nonzero().flatten()
         following = labels[:, 1:]
         rows, columns = (following != IGNORE_INDEX).nonzero(as_tuple=True)
         max_seqlen = 0
         if cu_seqlens is not None and len(cu_seqlens) > 1:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return cls(
-            image_slots=slots,
+            image_slots=image_slot_positions(input_ids, image_patch_id),
             supervised=rows * width + columns,
             targets=following[rows, columns],
             cu_seqlens=cu_seqlens,
