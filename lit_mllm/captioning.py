@@ -91,7 +91,7 @@ def generation_config(
         do_sample=False,
         eos_token_id=list(end_ids),
         pad_token_id=pad_token_id,
-        cache_implementation="static" if decoding.cache == "static" else None,
+        cache_implementation=None if decoding.cache == "dynamic" else "static",
     )
 
 
@@ -102,10 +102,12 @@ def caption_batch(
     config: GenerationConfig,
     limit: int | None = None,
     image_features: Tensor | None = None,
+    cuda_graph: bool = False,
 ) -> list[str]:
     """Captions for the batch's generation prompts (the first ``limit`` rows).
 
-    ``image_features``: the batch's images already encoded (``model.image_features``)."""
+    ``image_features``: the batch's images already encoded (``model.image_features``);
+    ``cuda_graph``: decode with the CUDA-graph loop (``model.generation.cache: cuda_graph``)."""
     rows = slice(0, limit)
     pixel_values = batch.get("pixel_values")
     if limit is not None and limit < len(batch["prompt_ids"]):
@@ -123,6 +125,7 @@ def caption_batch(
         batch["prompt_attention_mask"][rows],
         generation_config=config,
         image_features=image_features,
+        cuda_graph=cuda_graph,
     )
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [text.strip() for text in texts]

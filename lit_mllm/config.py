@@ -100,14 +100,24 @@ class DecodingConfig:
     whole transformers ``GenerationConfig`` the decoder uses: a pretrained decoder's
     generation_config.json (sampling, repetition penalty ...) does not apply.
 
-    ``cache``: ``dynamic`` (the KV cache grows per token, every step runs eager) or ``static``
+    ``cache``: ``dynamic`` (the KV cache grows per token, every step runs eager), ``static``
     (preallocated; on CUDA transformers then compiles the decoding step with CUDA graphs, so a
     step costs one graph launch instead of hundreds of kernel launches: the first batch pays the
-    compilation). The captions are the same tokens either way (tested in float32)."""
+    compilation) or ``cuda_graph`` (greedy only: lit-mllm's loop over transformers' static
+    cache, each new token one replay of a captured CUDA graph, without ``generate``'s per-token
+    Python work; eager off CUDA; FSDP-sharded decoders use ``generate``). The captions are the
+    same tokens every way (tested in float32)."""
 
     max_new_tokens: int = 32
     num_beams: int = 1
-    cache: Literal["dynamic", "static"] = "dynamic"
+    cache: Literal["dynamic", "static", "cuda_graph"] = "dynamic"
+
+    def __post_init__(self) -> None:
+        if self.cache == "cuda_graph" and self.num_beams != 1:
+            raise ValueError(
+                "model.generation: cache 'cuda_graph' decodes greedily; set num_beams: 1 "
+                f"(got {self.num_beams}) or use cache 'static' / 'dynamic' for beam search"
+            )
 
 
 @dataclass

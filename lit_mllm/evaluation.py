@@ -69,7 +69,13 @@ class CaptionEvaluation:
     ) -> list[str]:
         """Greedy/beam captions for the batch's generation prompts (the first ``limit`` rows)."""
         return captioning.caption_batch(
-            self.model, self.tokenizer, batch, self.hf_generation_config(), limit, image_features
+            self.model,
+            self.tokenizer,
+            batch,
+            self.hf_generation_config(),
+            limit,
+            image_features,
+            cuda_graph=self.generation_cfg.cache == "cuda_graph",
         )
 
     def hf_generation_config(self):

@@ -148,19 +148,21 @@ def test_tiny_run_reports_every_row_with_finite_numbers(tmp_path: Path) -> None:
     assert mlp["compile"] == "no" and mlp["attention"] == "sdpa"  # CPU: no compile, no varlen
 
     gen = tables["Validation captioning speed (batched greedy decoding)"]
-    assert gen[0] == GEN_COLUMNS and len(gen) == 6
+    assert gen[0] == GEN_COLUMNS and len(gen) == 8
     caches = [(row[0], row[4]) for row in gen[1:]]
     assert caches == [
         ("naive transformers LLaVA", "dynamic"),
         ("lit-mllm mlp", "dynamic"),
         ("lit-mllm mlp", "static"),
+        ("lit-mllm mlp", "cuda_graph"),
         ("lit-mllm resampler", "dynamic"),
         ("lit-mllm resampler", "static"),
+        ("lit-mllm resampler", "cuda_graph"),
     ]
     for row in gen[1:]:
         assert row[-1] == "ok" and row[3] == "32" and _number(row[5]) > 0
-        # float32 on the CPU: the static cache decodes exactly the dynamic cache's tokens
-        assert row[7] == ("100.0 %" if row[4] == "static" else "-")
+        # float32 on the CPU: the other caches decode exactly the dynamic cache's tokens
+        assert row[7] == ("-" if row[4] == "dynamic" else "100.0 %")
 
     loader = tables["Data loader (MLLMDataModule, JPEG decode + transform + tokenise)"]
     assert loader[0] == LOADER_COLUMNS and len(loader) == 2

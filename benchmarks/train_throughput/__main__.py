@@ -78,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-batches", type=int, default=None, help="timed batches (3; 0 = skip)")
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument(
-        "--gen-cache",
-        default="both",
-        choices=["dynamic", "both"],
-        help="lit rows: the dynamic KV cache, or it and the static one (compiled step on CUDA)",
+        "--gen-caches",
+        default="dynamic,static,cuda_graph",
+        help="lit rows, comma list of model.generation.cache values (dynamic always runs "
+        "first: the others' token agreement is measured against it)",
     )
     p.add_argument("--loader-workers", default=None, help="comma list (default: min(8, cores))")
     p.add_argument("--loader-batch-size", type=int, default=None)

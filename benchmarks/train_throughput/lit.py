@@ -120,8 +120,9 @@ class LitTrainee(Trainee):
     def generate(
         self, samples: Sequence[Sample], new_tokens: int, cache: str = "dynamic"
     ) -> torch.Tensor:
-        """Through ``MultimodalLM.generate``; ``static``: the cache of ``model.generation.cache:
-        static``, with which transformers compiles the decoding step on CUDA."""
+        """Through ``MultimodalLM.generate`` with the cache of ``model.generation.cache``:
+        ``static`` (transformers compiles the decoding step on CUDA) or ``cuda_graph``
+        (lit-mllm's loop, one graph replay per token)."""
         ids = torch.stack([render(s, self.image_block)[0] for s in samples]).to(self.device)
         attention = self.attention
         self.set_attention("sdpa")  # KV-cache decoding: the stock path (generate runs eager)
@@ -136,7 +137,8 @@ class LitTrainee(Trainee):
                     min_new_tokens=new_tokens,
                     eos_token_id=None,
                     pad_token_id=self.pad_token_id,
-                    cache_implementation="static" if cache == "static" else None,
+                    cache_implementation=None if cache == "dynamic" else "static",
+                    cuda_graph=cache == "cuda_graph",
                 )
         finally:
             self.module.train()

@@ -221,9 +221,11 @@ def run_row(
             sizes_args = (stream, args.gen_batch_size, args.gen_batches, args.gen_tokens)
             dynamic, tokens = measure_generation(trainee, *sizes_args)
             report.generation.append(dynamic)
-            if isinstance(trainee, LitTrainee) and args.gen_cache == "both":
-                static, _ = measure_generation(trainee, *sizes_args, "static", tokens)
-                report.generation.append(static)
+            if isinstance(trainee, LitTrainee):
+                for cache in args.gen_caches.split(","):
+                    if cache.strip() not in ("", "dynamic"):
+                        other, _ = measure_generation(trainee, *sizes_args, cache.strip(), tokens)
+                        report.generation.append(other)
     except Exception as error:  # building the row failed: report it, go on with the others
         report.final = placeholder_row(row, decoder, failure_status(error))
     finally:

@@ -1,0 +1,290 @@
+"""Greedy captions with one CUDA-graph replay per new token.
+
+transformers' ``generate`` with a static cache compiles the decoder's forward, but every token
+still passes through its Python loop (input preparation, mask building, logits processors,
+stopping criteria): on an H200 that host work, not the GPU, sets the pace of a 1.5B decoder.
+Here the whole per-token step (embedding lookup, decoder forward over transformers'
+``StaticCache``, greedy choice, end-token bookkeeping) is captured once as a CUDA graph and
+replayed; the host checks for finished rows every few tokens only.
+
+The step is transformers' own forward and mask code (capture-safe: ``is_tracing`` is true while
+a stream captures), so the tokens are those of ``generate``'s greedy search: the prompt's
+position ids are its ``cumsum - 1``, finished rows continue with the pad token, and
+``min_new_tokens`` bans the end tokens as its logits processor does. Off CUDA the same loop
+runs eagerly, which is what the CPU tests compare with ``generate``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel, StaticCache
+
+log = logging.getLogger(__name__)
+
+# GenerationConfig fields this loop implements; any other non-default field (beam search,
+# sampling, repetition penalty, banned words ...) needs transformers' generate
+SUPPORTED_FIELDS = frozenset(
+    {
+        "max_new_tokens",
+        "min_new_tokens",
+        "eos_token_id",
+        "pad_token_id",
+        "bos_token_id",
+        "do_sample",
+        "num_beams",
+        "cache_implementation",
+        "use_cache",
+        "transformers_version",
+        "_from_model_config",
+    }
+)
+
+
+@dataclass(frozen=True)
+class GreedySettings:
+    """The part of a GenerationConfig that greedy decoding with end tokens uses."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    end_ids: tuple[int, ...]
+    pad_id: int
+
+    @classmethod
+    def of(cls, config: GenerationConfig) -> GreedySettings:
+        """Raises ValueError naming the fields this loop does not implement."""
+        unsupported = sorted(
+            k for k, v in config.to_diff_dict().items() if k not in SUPPORTED_FIELDS and v
+        )
+        if config.num_beams != 1 or config.do_sample:
+            unsupported.append("num_beams/do_sample")
+        if unsupported:
+            raise ValueError(
+                "the CUDA-graph decoding loop is greedy search with end tokens only; "
+                f"these generation settings need transformers' generate: {unsupported}"
+            )
+        if config.max_new_tokens is None:
+            raise ValueError("the CUDA-graph decoding loop needs max_new_tokens")
+        eos = config.eos_token_id
+        end_ids = tuple(int(t) for t in ([eos] if isinstance(eos, int) else (eos or [])))
+        pad = config.pad_token_id
+        if pad is None:  # as generate: the first end token pads finished rows
+            pad = end_ids[0] if end_ids else 0
+        return cls(config.max_new_tokens, int(config.min_new_tokens or 0), end_ids, int(pad))
+
+
+def bucket(length: int, multiple: int = 64) -> int:
+    """Cache lengths are rounded up, so prompts of nearby lengths share one captured graph."""
+    return -(-length // multiple) * multiple
+
+
+class _DecodingState:
+    """Static tensors of one (batch, cache length) shape: the cache, the step's inputs and the
+    outputs, all at fixed addresses so that a graph captured over them can be replayed."""
+
+    def __init__(
+        self, decoder: PreTrainedModel, batch: int, cache_len: int, settings: GreedySettings
+    ):
+        device = decoder.device
+        self.cache = StaticCache(config=decoder.config, max_cache_len=cache_len)
+        self.attention_mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.count = torch.zeros(1, dtype=torch.long, device=device)  # tokens generated so far
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.tokens = torch.full(
+            (batch, settings.max_new_tokens), settings.pad_id, dtype=torch.long, device=device
+        )
+        self.end_ids = torch.tensor(settings.end_ids, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_failed = False
+
+
+class GraphedGreedyDecoding:
+    """Greedy decoding whose per-token step is a CUDA-graph replay (eager off CUDA).
+
+    Keeps the captured graphs of the last ``keep`` shapes (validation's full batches and its
+    last, smaller one), keyed also by the weights' addresses and the autocast setting, so a
+    moved or re-cast model is captured again instead of replaying stale pointers.
+    """
+
+    def __init__(self, check_every: int = 8, keep: int = 2, warmup_steps: int = 2) -> None:
+        self.check_every = check_every
+        self.keep = keep
+        self.warmup_steps = warmup_steps
+        self.states: OrderedDict[tuple, _DecodingState] = OrderedDict()
+
+    def __deepcopy__(self, memo: dict) -> GraphedGreedyDecoding:
+        # a copied model (EMA, averaging callbacks) captures its own graphs
+        return GraphedGreedyDecoding(self.check_every, self.keep, self.warmup_steps)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "check_every": self.check_every,
+            "keep": self.keep,
+            "warmup_steps": self.warmup_steps,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def clear(self) -> None:
+        self.states.clear()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        decoder: PreTrainedModel,
+        prompt_embeds: Tensor,
+        prompt_attention_mask: Tensor,
+        config: GenerationConfig,
+    ) -> Tensor:
+        """New tokens (batch, steps) for left-padded prompt embeddings; ``steps`` stops at the
+        token where every row has ended, as ``generate``'s output does."""
+        settings = GreedySettings.of(config)
+        batch, prompt_len = prompt_attention_mask.shape
+        state = self._state(decoder, batch, prompt_len, settings)
+        state.cache.reset()
+        state.attention_mask.fill_(1)
+        state.attention_mask[:, :prompt_len].copy_(prompt_attention_mask)
+        state.count.zero_()
+        state.finished.zero_()
+        state.tokens.fill_(settings.pad_id)
+
+        positions = prompt_attention_mask.long().cumsum(-1) - 1
+        positions = positions.masked_fill(prompt_attention_mask == 0, 0)
+        out = decoder(
+            inputs_embeds=prompt_embeds,
+            attention_mask=state.attention_mask,
+            position_ids=positions,
+            cache=state.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        state.position.copy_(positions[:, -1:])
+        self._choose(state, out.logits[:, -1], settings)
+        del out
+        done = 1
+        while done < settings.max_new_tokens:
+            steps = min(self.check_every, settings.max_new_tokens - done)
+            done += self._run_steps(decoder, state, settings, steps)
+            if state.end_ids.numel() and bool(state.finished.all()):
+                break
+        return trim_after_end(state.tokens[:, :done].clone(), settings.end_ids)
+
+    def _state(
+        self, decoder: PreTrainedModel, batch: int, prompt_len: int, settings: GreedySettings
+    ) -> _DecodingState:
+        device = decoder.device
+        autocast = device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        key = (
+            batch,
+            bucket(prompt_len + settings.max_new_tokens),
+            settings,
+            str(device),
+            autocast and torch.get_autocast_dtype("cuda"),
+            torch.is_inference_mode_enabled(),
+            tuple(p.data_ptr() for p in decoder.parameters()),
+        )
+        state = self.states.get(key)
+        if state is None:
+            state = _DecodingState(decoder, batch, key[1], settings)
+            self.states[key] = state
+            while len(self.states) > self.keep:
+                self.states.popitem(last=False)
+        self.states.move_to_end(key)
+        return state
+
+    def _step(self, decoder: PreTrainedModel, state: _DecodingState, settings: GreedySettings):
+        """One token: forward of the last chosen token, then the greedy choice. No host sync."""
+        state.position.add_(1)
+        out = decoder(
+            input_ids=state.token,
+            attention_mask=state.attention_mask,
+            position_ids=state.position,
+            cache=state.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._choose(state, out.logits[:, -1], settings)
+
+    @staticmethod
+    def _choose(state: _DecodingState, logits: Tensor, settings: GreedySettings) -> None:
+        scores = logits.float()
+        has_ends = len(settings.end_ids) > 0
+        if has_ends and settings.min_new_tokens > 0:
+            banned = scores.index_fill(1, state.end_ids, float("-inf"))
+            scores = torch.where(state.count < settings.min_new_tokens, banned, scores)
+        chosen = scores.argmax(-1)
+        if has_ends:
+            chosen = torch.where(state.finished, settings.pad_id, chosen)
+            state.finished |= (chosen[:, None] == state.end_ids).any(-1)
+        state.tokens.index_copy_(1, state.count, chosen[:, None])
+        state.token.copy_(chosen[:, None])
+        state.count.add_(1)
+
+    def _run_steps(
+        self, decoder: PreTrainedModel, state: _DecodingState, settings: GreedySettings, steps: int
+    ) -> int:
+        """``steps`` tokens: graph replays on CUDA once captured; the first call of a shape runs
+        ``warmup_steps`` eager steps on a side stream (as capture requires), then captures."""
+        if decoder.device.type != "cuda" or state.capture_failed:
+            for _ in range(steps):
+                self._step(decoder, state, settings)
+            return steps
+        done = 0
+        if state.graph is None:
+            warm = min(self.warmup_steps, steps)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warm):
+                    self._step(decoder, state, settings)
+            torch.cuda.current_stream().wait_stream(side)
+            done = warm
+            if done == steps:
+                return done
+            state.graph = self._capture(decoder, state, settings)
+            if state.graph is None:
+                return done + self._run_steps(decoder, state, settings, steps - done)
+        for _ in range(steps - done):
+            state.graph.replay()
+        return steps
+
+    def _capture(
+        self, decoder: PreTrainedModel, state: _DecodingState, settings: GreedySettings
+    ) -> torch.cuda.CUDAGraph | None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # autocast's cast-weight cache would bake this call's bf16 copies into the graph:
+            # with the cache off the casts are kernels of the graph and follow weight updates
+            dtype = torch.get_autocast_dtype("cuda")
+            enabled = torch.is_autocast_enabled("cuda")
+            with (
+                torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False),
+                torch.cuda.graph(graph),
+            ):
+                self._step(decoder, state, settings)
+        except Exception as error:  # a step that syncs or allocates on the host cannot be captured
+            state.capture_failed = True
+            log.warning(
+                "decoding step not capturable as a CUDA graph (%s); running it eagerly", error
+            )
+            return None
+        return graph
+
+
+def trim_after_end(tokens: Tensor, end_ids: tuple[int, ...]) -> Tensor:
+    """Cut the columns after the step at which every row had ended (``generate``'s length)."""
+    if not end_ids or tokens.shape[1] == 0:
+        return tokens
+    ended = torch.isin(tokens, torch.tensor(end_ids, device=tokens.device))
+    if not bool(ended.any(1).all()):
+        return tokens
+    last = int(ended.int().argmax(1).max())
+    return tokens[:, : last + 1]

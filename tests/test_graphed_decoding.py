@@ -1,0 +1,204 @@
+"""The CUDA-graph decoding loop (``model.generation.cache: cuda_graph``) decodes transformers'
+greedy tokens: same tokens, same stop, same padding of finished rows. On the CPU its step runs
+eagerly (float32, exact comparison with ``generate``); the graph replay itself is compared with
+the eager step in the GPU tests."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from test_decoding import _save_decoder
+from test_model import _prompt_items, micro_module
+from transformers import GenerationConfig
+
+from lit_mllm.config import DecodingConfig
+from lit_mllm.data.collate import MLLMCollator
+from lit_mllm.data.tokenizer import load_tokenizer
+from lit_mllm.models.graphed_decoding import GraphedGreedyDecoding, GreedySettings, bucket
+from lit_mllm.module import MLLMModule
+from lit_mllm.tokens import add_image_tokens
+
+NEW_TOKENS = 12
+
+
+def _module(tmp_path: Path, cache: str = "dynamic") -> MLLMModule:
+    """The micro model with a wide-init decoder: its greedy captions differ per prompt."""
+    folder = tmp_path / "dec"
+    if not folder.exists():
+        tokenizer = load_tokenizer("tiny")
+        add_image_tokens(tokenizer)
+        _save_decoder(folder, len(tokenizer))
+    module = micro_module(
+        decoder={"name_or_path": str(folder), "config": None},
+        generation={"max_new_tokens": NEW_TOKENS, "cache": cache},
+    )
+    return module.eval()
+
+
+def _tokens(module: MLLMModule, config: GenerationConfig, cuda_graph: bool) -> torch.Tensor:
+    batch = MLLMCollator(module.tokenizer.pad_token_id)(_prompt_items(module))
+    with torch.no_grad():
+        return module.model.generate(
+            batch["pixel_values"],
+            batch["prompt_ids"],
+            batch["prompt_attention_mask"],
+            generation_config=config,
+            cuda_graph=cuda_graph,
+        )
+
+
+def _config(**fields) -> GenerationConfig:
+    settings = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "num_beams": 1}
+    return GenerationConfig(**{**settings, **fields})
+
+
+def test_without_end_tokens_every_row_gets_generates_greedy_tokens(tmp_path: Path) -> None:
+    module = _module(tmp_path)
+    config = _config(eos_token_id=None, pad_token_id=module.tokenizer.pad_token_id)
+    reference = _tokens(module, config, cuda_graph=False)
+    graphed = _tokens(module, config, cuda_graph=True)
+    assert reference.shape == (len(_prompt_items(module)), NEW_TOKENS)
+    assert torch.equal(graphed, reference)
+    assert len({tuple(row) for row in reference.tolist()}) > 1  # the prompts matter
+
+
+def test_end_tokens_stop_rows_pad_them_and_cut_the_output_where_generate_does(
+    tmp_path: Path,
+) -> None:
+    module = _module(tmp_path)
+    pad = module.tokenizer.pad_token_id
+    free = _tokens(module, _config(eos_token_id=None, pad_token_id=pad), cuda_graph=False)
+    # end tokens the model does emit: one row stops at step 2, others later or never
+    first_row = free[0].tolist()
+    ends = [first_row[2]] + [t for t in free[1].tolist()[3:] if t != first_row[2]][:1]
+    for fields in (
+        {"eos_token_id": ends, "pad_token_id": pad},
+        {"eos_token_id": ends[0], "pad_token_id": None},  # generate pads with the end token
+        {"eos_token_id": ends, "pad_token_id": pad, "min_new_tokens": 4},  # ends banned first
+    ):
+        config = _config(**fields)
+        reference = _tokens(module, config, cuda_graph=False)
+        graphed = _tokens(module, config, cuda_graph=True)
+        assert torch.equal(graphed, reference), fields
+    stopped = _tokens(module, _config(eos_token_id=ends, pad_token_id=pad), cuda_graph=False)
+    assert (stopped[0, 3:] == pad).all()  # the stopped row is padded after its end token
+    # every row ending early cuts the output short, like generate
+    everyone = sorted({int(row[0]) for row in free})
+    short = _config(eos_token_id=everyone, pad_token_id=pad)
+    reference = _tokens(module, short, cuda_graph=False)
+    assert reference.shape[1] == 1
+    assert torch.equal(_tokens(module, short, cuda_graph=True), reference)
+
+
+def test_module_captions_with_the_cuda_graph_cache_equal_the_dynamic_caches(
+    tmp_path: Path,
+) -> None:
+    captions = {}
+    for cache in ("dynamic", "cuda_graph"):
+        module = _module(tmp_path, cache)
+        batch = MLLMCollator(module.tokenizer.pad_token_id)(_prompt_items(module))
+        with torch.no_grad():
+            captions[cache] = module.caption(batch)
+            assert module.caption(batch) == captions[cache]  # a second batch reuses the state
+    assert captions["cuda_graph"] == captions["dynamic"]
+    assert len(set(captions["dynamic"])) > 1
+    assert len(module.model.graphed_decoding.states) == 1
+    # the limit path (first rows only) is another batch size: a second state, same tokens
+    with torch.no_grad():
+        assert module.caption(batch, limit=2) == captions["dynamic"][:2]
+    assert len(module.model.graphed_decoding.states) == 2
+
+
+def test_unsupported_settings_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        GreedySettings.of(_config(repetition_penalty=1.3))
+    with pytest.raises(ValueError, match="num_beams"):
+        GreedySettings.of(_config(num_beams=2))
+    with pytest.raises(ValueError, match="num_beams: 1"):
+        DecodingConfig(num_beams=3, cache="cuda_graph")
+    settings = GreedySettings.of(_config(eos_token_id=[5, 7], min_new_tokens=2))
+    assert settings == GreedySettings(NEW_TOKENS, 2, (5, 7), 5)
+
+
+def test_cache_lengths_are_bucketed_so_nearby_prompts_share_a_state() -> None:
+    assert [bucket(n) for n in (1, 64, 65, 600, 640, 641)] == [64, 64, 128, 640, 640, 704]
+
+
+def test_a_copied_or_pickled_model_starts_without_captured_state(tmp_path: Path) -> None:
+    module = _module(tmp_path, "cuda_graph")
+    batch = MLLMCollator(module.tokenizer.pad_token_id)(_prompt_items(module))
+    with torch.no_grad():
+        module.caption(batch)
+    assert module.model.graphed_decoding.states
+    copied = copy.deepcopy(module.model)
+    assert not copied.graphed_decoding.states and copied.graphed_decoding is not (
+        module.model.graphed_decoding
+    )
+    restored = pickle.loads(pickle.dumps(module.model.graphed_decoding))
+    assert isinstance(restored, GraphedGreedyDecoding) and not restored.states
+
+
+def _cuda_prompts(module: MLLMModule) -> dict[str, torch.Tensor]:
+    batch = MLLMCollator(module.tokenizer.pad_token_id)(_prompt_items(module))
+    names = ("pixel_values", "prompt_ids", "prompt_attention_mask")
+    return {name: batch[name].cuda() for name in names}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
+def test_cuda_graph_replays_decode_the_eager_steps_tokens_and_follow_weight_updates(
+    tmp_path: Path, bf16: bool
+) -> None:
+    """The replayed graph runs the eager step's kernels: the same tokens, also after the
+    weights change in place (a training step between validations), without a new capture."""
+    module = _module(tmp_path).cuda()
+    prompts = _cuda_prompts(module)
+    config = _config(eos_token_id=None, pad_token_id=module.tokenizer.pad_token_id)
+    eager = GraphedGreedyDecoding(warmup_steps=NEW_TOKENS)  # never captures
+    graphed = GraphedGreedyDecoding(warmup_steps=1)
+
+    def decode(loop: GraphedGreedyDecoding) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            embeds = module.model.embed(prompts["prompt_ids"], prompts["pixel_values"])
+            return loop(module.model.decoder, embeds, prompts["prompt_attention_mask"], config)
+
+    before = decode(eager)
+    assert torch.equal(decode(graphed), before)
+    (state,) = graphed.states.values()
+    graph = state.graph
+    assert graph is not None and not state.capture_failed
+    assert all(s.graph is None for s in eager.states.values())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for weight in module.model.decoder.parameters():
+            weight.add_(0.05 * torch.randn_like(weight))
+    after = decode(eager)
+    assert not torch.equal(after, before)  # the update changes the captions
+    assert torch.equal(decode(graphed), after)
+    assert graphed.states[next(iter(graphed.states))].graph is graph  # replayed, not recaptured
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_captions_agree_with_generate_in_bf16(tmp_path: Path) -> None:
+    module = _module(tmp_path).cuda()
+    prompts = _cuda_prompts(module)
+    config = _config(eos_token_id=None, pad_token_id=module.tokenizer.pad_token_id)
+    tokens = {}
+    for cuda_graph in (False, True):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            tokens[cuda_graph] = module.model.generate(
+                prompts["pixel_values"],
+                prompts["prompt_ids"],
+                prompts["prompt_attention_mask"],
+                generation_config=config,
+                cuda_graph=cuda_graph,
+            )
+    agreement = float((tokens[True] == tokens[False]).float().mean())
+    print(f"bf16 token agreement with generate: {agreement:.3f}")
+    assert agreement >= 0.9
