@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="after each row's final run, profile this many steps (CUDA; 0 = off)",
     )
     p.add_argument(
+        "--profile-rows",
+        default=None,
+        help="comma list: profile only these rows (default: all); the profiler slows the rows "
+        "measured after it in the same process, so put these rows last",
+    )
+    p.add_argument(
         "--text-tokens",
         default=None,
         help="text length distribution as MIN,MEDIAN,MAX (default 64,200,1024; tiny 8,20,64), "

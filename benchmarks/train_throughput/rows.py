@@ -215,7 +215,9 @@ def run_row(
             if final.ok:
                 break
         final = report.final
-        if args.profile_steps > 0 and final is not None and final.ok and device.type == "cuda":
+        profiled = args.profile_rows is None or row in args.profile_rows.split(",")
+        cuda = device.type == "cuda"
+        if args.profile_steps > 0 and profiled and cuda and final is not None and final.ok:
             report.profile = profile_training(trainee, stream, final, args.profile_steps)
         if args.gen_batches > 0 and not is_sliced(row) and row not in BEST_ROWS:
             sizes_args = (stream, args.gen_batch_size, args.gen_batches, args.gen_tokens)
