@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # `lit-mllm fit` vs the benchmark on the same workload (device tool, one GPU): the smoke recipe
 # (MLP projector, packed rows, varlen attention, per-layer compile on CUDA) with a 0.5B- or
-# 1.5B-class decoder (DECODER=0.5b|1.5b, default 1.5b) at micro-batch BATCH (default 64), then
-# the benchmark's lit-mllm MLP row at the same micro-batch with text lengths matching the
-# synthetic captions. Wheels for packages the GPU image lacks come from WHEELS (default .whl).
+# 1.5B-class decoder (DECODER=0.5b|1.5b, default 1.5b) at micro-batch BATCH (default 32: 64
+# runs out of memory at 1.5B on the H200), then the benchmark's lit-mllm MLP row at the same
+# micro-batch with text lengths matching the synthetic captions. Wheels for packages the GPU image lacks come from WHEELS (default .whl).
 # Logs under $OUT.
 DECODER=${DECODER:-1.5b}
-BATCH=${BATCH:-64}
+BATCH=${BATCH:-32}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
