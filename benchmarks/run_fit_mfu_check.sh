@@ -3,7 +3,8 @@
 # (MLP projector, packed rows, varlen attention, per-layer compile on CUDA) with a 0.5B- or
 # 1.5B-class decoder (DECODER=0.5b|1.5b, default 1.5b) at micro-batch BATCH (default 32: 64
 # runs out of memory at 1.5B on the H200), then the benchmark's lit-mllm MLP row at the same
-# micro-batch with text lengths matching the synthetic captions. Wheels for packages the GPU image lacks come from WHEELS (default .whl).
+# micro-batch with text lengths matching the synthetic captions. Wheels for packages the GPU
+# image lacks come from WHEELS (default .whl).
 # Logs under $OUT.
 DECODER=${DECODER:-1.5b}
 BATCH=${BATCH:-32}
