@@ -172,6 +172,8 @@ def test_cuda_graph_replays_decode_the_eager_steps_tokens_and_follow_weight_upda
     (state,) = graphed.states.values()
     graph = state.graph
     assert graph is not None and not state.capture_failed
+    # under autocast the linear weights are cast once per call, not in every replay
+    assert bool(state.cast_weights) == bf16
     assert all(s.graph is None for s in eager.states.values())
     with torch.no_grad():
         torch.manual_seed(0)

@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="after each row's final run, profile this many steps (CUDA; 0 = off)",
     )
     p.add_argument(
+        "--gen-profile",
+        default=None,
+        help="lit rows (those of --profile-rows): profile one caption batch with this "
+        "model.generation.cache value (CUDA)",
+    )
+    p.add_argument(
         "--profile-rows",
         default=None,
         help="comma list: profile only these rows (default: all); the profiler slows the rows "

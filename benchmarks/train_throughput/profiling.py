@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.train_throughput.device import sync
 from benchmarks.train_throughput.measure import Measurement
 from benchmarks.train_throughput.sizes import row_label
-from benchmarks.train_throughput.stream import SampleStream
+from benchmarks.train_throughput.stream import SampleStream, make_prompt
 from benchmarks.train_throughput.trainee import Trainee
 
 KERNEL_GROUPS = (  # (group, name fragments), first match wins; lower-case
@@ -25,16 +26,45 @@ def profile_training(trainee: Trainee, stream: SampleStream, final: Measurement,
     """torch.profiler over ``steps`` training steps at the row's final micro-batch: GPU busy
     share of wall time, kernel time by group and the top kernels, to say what holds MFU back."""
     batch_size = final.batch_size
+    batches = [trainee.collate(stream.batch(i, batch_size, warmup=False)) for i in range(steps)]
+    trainee.step(batches[0])  # warm: no compile or allocator growth inside the window
+
+    def run() -> None:
+        for batch in batches:
+            trainee.step(batch)
+
+    header = f"{row_label(final.row)}, {final.decoder}, micro-batch {batch_size}, {steps} "
+    return kernel_summary(trainee, run, steps, header + "profiled steps", "step")
+
+
+def profile_generation(
+    trainee: Trainee, stream: SampleStream, batch_size: int, new_tokens: int, cache: str
+) -> str:
+    """torch.profiler over one caption batch (after a warm-up batch that compiles/captures):
+    where decoding time goes (vision tower, prefill, per-token steps)."""
+    prompts = [make_prompt(stream, i) for i in range(batch_size)]
+    trainee.generate(prompts, new_tokens, cache=cache)
+    header = (
+        f"{row_label(trainee.row)}, {trainee.decoder_key}, captions: batch {batch_size}, "
+        f"{new_tokens} new tokens, cache {cache}, 1 profiled batch"
+    )
+    return kernel_summary(
+        trainee, lambda: trainee.generate(prompts, new_tokens, cache=cache), 1, header, "batch"
+    )
+
+
+def kernel_summary(
+    trainee: Trainee, run: Callable[[], Any], units: int, header: str, unit: str
+) -> str:
+    """Profile ``run`` (``units`` steps or batches): wall and GPU kernel time per unit, the
+    GPU busy share, kernel time by group and the top kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    batches = [trainee.collate(stream.batch(i, batch_size, warmup=False)) for i in range(steps)]
-    trainee.step(batches[0])  # warm: no compile or allocator growth inside the window
     sync(trainee.device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        for batch in batches:
-            trainee.step(batch)
+        run()
         sync(trainee.device)
         wall_us = (time.perf_counter() - start) * 1e6
     # GPU-side user annotations ("Optimizer.step#AdamW.step", "ProfilerStep#3") span kernels
@@ -53,20 +83,19 @@ def profile_training(trainee: Trainee, stream: SampleStream, final: Measurement,
         group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
         groups[group] = groups.get(group, 0.0) + self_us(event)
     lines = [
-        f"{row_label(final.row)}, {final.decoder}, micro-batch {batch_size}, {steps} "
-        f"profiled steps: wall {wall_us / 1e3 / steps:.1f} ms/step, GPU kernels "
-        f"{total / 1e3 / steps:.1f} ms/step (**GPU busy {100 * total / wall_us:.1f} %** of wall)",
+        f"{header}: wall {wall_us / 1e3 / units:.1f} ms/{unit}, GPU kernels "
+        f"{total / 1e3 / units:.1f} ms/{unit} (**GPU busy {100 * total / wall_us:.1f} %** of wall)",
         "",
-        "| kernel group | ms/step | share of kernel time |",
+        f"| kernel group | ms/{unit} | share of kernel time |",
         "|---|---|---|",
     ]
     for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {group} | {us / 1e3 / steps:.1f} | {100 * us / max(total, 1):.1f} % |")
-    lines += ["", "| top kernels | ms/step | calls/step |", "|---|---|---|"]
+        lines.append(f"| {group} | {us / 1e3 / units:.1f} | {100 * us / max(total, 1):.1f} % |")
+    lines += ["", f"| top kernels | ms/{unit} | calls/{unit} |", "|---|---|---|"]
     for event in sorted(kernels, key=self_us, reverse=True)[:12]:
         name = event.key if len(event.key) <= 90 else event.key[:87] + "..."
         name = name.replace("|", "/")
         lines.append(
-            f"| `{name}` | {self_us(event) / 1e3 / steps:.2f} | {event.count / steps:.0f} |"
+            f"| `{name}` | {self_us(event) / 1e3 / units:.2f} | {event.count / units:.0f} |"
         )
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from benchmarks.train_throughput.device import failure_status, free_memory
 from benchmarks.train_throughput.generation import GenResult, measure_generation
 from benchmarks.train_throughput.lit import LitTrainee
 from benchmarks.train_throughput.measure import Measurement, measure
-from benchmarks.train_throughput.profiling import profile_training
+from benchmarks.train_throughput.profiling import profile_generation, profile_training
 from benchmarks.train_throughput.sizes import (
     BEST_ROWS,
     Sizes,
@@ -215,10 +215,6 @@ def run_row(
             if final.ok:
                 break
         final = report.final
-        profiled = args.profile_rows is None or row in args.profile_rows.split(",")
-        cuda = device.type == "cuda"
-        if args.profile_steps > 0 and profiled and cuda and final is not None and final.ok:
-            report.profile = profile_training(trainee, stream, final, args.profile_steps)
         if args.gen_batches > 0 and not is_sliced(row) and row not in BEST_ROWS:
             sizes_args = (stream, args.gen_batch_size, args.gen_batches, args.gen_tokens)
             dynamic, tokens = measure_generation(trainee, *sizes_args)
@@ -228,6 +224,15 @@ def run_row(
                     if cache.strip() not in ("", "dynamic"):
                         other, _ = measure_generation(trainee, *sizes_args, cache.strip(), tokens)
                         report.generation.append(other)
+        # last: the profiler slows what runs after it in the process
+        profiled = args.profile_rows is None or row in args.profile_rows.split(",")
+        cuda = device.type == "cuda"
+        if args.profile_steps > 0 and profiled and cuda and final is not None and final.ok:
+            report.profile = profile_training(trainee, stream, final, args.profile_steps)
+        if args.gen_profile and profiled and cuda and isinstance(trainee, LitTrainee):
+            sizes_args = (stream, args.gen_batch_size, args.gen_tokens, args.gen_profile)
+            texts = [report.profile, profile_generation(trainee, *sizes_args)]
+            report.profile = "\n\n".join(t for t in texts if t)
     except Exception as error:  # building the row failed: report it, go on with the others
         report.final = placeholder_row(row, decoder, failure_status(error))
     finally:

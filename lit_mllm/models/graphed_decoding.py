@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 from transformers import GenerationConfig, PreTrainedModel, StaticCache
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,10 @@ class _DecodingState:
             (batch, settings.max_new_tokens), settings.pad_id, dtype=torch.long, device=device
         )
         self.end_ids = torch.tensor(settings.end_ids, dtype=torch.long, device=device)
+        # autocast's low-precision copies of the linear layers' float32 weights, made once per
+        # call instead of at every replayed step (autocast caches casts only within one eager
+        # call); the same rounding, so the same numbers
+        self.cast_weights: dict[str, Tensor] = {}
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_failed = False
 
@@ -149,6 +154,7 @@ class GraphedGreedyDecoding:
         settings = GreedySettings.of(config)
         batch, prompt_len = prompt_attention_mask.shape
         state = self._state(decoder, batch, prompt_len, settings)
+        refresh_cast_weights(decoder, state.cast_weights)
         state.cache.reset()
         state.attention_mask.fill_(1)
         state.attention_mask[:, :prompt_len].copy_(prompt_attention_mask)
@@ -158,7 +164,9 @@ class GraphedGreedyDecoding:
 
         positions = prompt_attention_mask.long().cumsum(-1) - 1
         positions = positions.masked_fill(prompt_attention_mask == 0, 0)
-        out = decoder(
+        out = self._forward(
+            decoder,
+            state,
             inputs_embeds=prompt_embeds,
             attention_mask=state.attention_mask,
             position_ids=positions,
@@ -203,7 +211,9 @@ class GraphedGreedyDecoding:
     def _step(self, decoder: PreTrainedModel, state: _DecodingState, settings: GreedySettings):
         """One token: forward of the last chosen token, then the greedy choice. No host sync."""
         state.position.add_(1)
-        out = decoder(
+        out = self._forward(
+            decoder,
+            state,
             input_ids=state.token,
             attention_mask=state.attention_mask,
             position_ids=state.position,
@@ -212,6 +222,12 @@ class GraphedGreedyDecoding:
             logits_to_keep=1,
         )
         self._choose(state, out.logits[:, -1], settings)
+
+    @staticmethod
+    def _forward(decoder: PreTrainedModel, state: _DecodingState, **inputs: Any) -> Any:
+        if not state.cast_weights:
+            return decoder(**inputs)
+        return functional_call(decoder, state.cast_weights, kwargs=inputs, tie_weights=False)
 
     @staticmethod
     def _choose(state: _DecodingState, logits: Tensor, settings: GreedySettings) -> None:
@@ -288,3 +304,25 @@ def trim_after_end(tokens: Tensor, end_ids: tuple[int, ...]) -> Tensor:
         return tokens
     last = int(ended.int().argmax(1).max())
     return tokens[:, : last + 1]
+
+
+def refresh_cast_weights(decoder: nn.Module, cast: dict[str, Tensor]) -> None:
+    """Fill ``cast`` with autocast's copies of the float32 weights and biases of the decoder's
+    plain ``nn.Linear`` layers (CUDA autocast on; otherwise leave it empty). Only linear layers:
+    autocast casts their inputs anyway, while a norm's or embedding's float32 weight also sets
+    its output dtype, which a cast copy would change."""
+    if not (torch.is_autocast_enabled("cuda") and next(decoder.parameters()).is_cuda):
+        cast.clear()
+        return
+    dtype = torch.get_autocast_dtype("cuda")
+    for name, module in decoder.named_modules():
+        if type(module) is not nn.Linear:  # subclasses (quantised layers) keep their own math
+            continue
+        for kind, tensor in (("weight", module.weight), ("bias", module.bias)):
+            if tensor is None or tensor.dtype != torch.float32:
+                continue
+            key = f"{name}.{kind}"
+            if key in cast:
+                cast[key].copy_(tensor.detach())
+            else:
+                cast[key] = tensor.detach().to(dtype)
