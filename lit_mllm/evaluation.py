@@ -104,6 +104,9 @@ class CaptionEvaluation:
     def on_validation_epoch_end(self) -> None:
         self._log_caption_metrics("val")
         self._report_skipped("val")
+        # training goes on: give its memory back (caches, graphs, cast weights of
+        # `generation.cache: cuda_graph`); the next validation captures again
+        self.model.graphed_decoding.clear()
 
     def on_test_epoch_end(self) -> None:
         self._log_caption_metrics("test")

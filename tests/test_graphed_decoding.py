@@ -173,7 +173,7 @@ def test_cuda_graph_replays_decode_the_eager_steps_tokens_and_follow_weight_upda
     graph = state.graph
     assert graph is not None and not state.capture_failed
     # under autocast the linear weights are cast once per call, not in every replay
-    assert bool(state.cast_weights) == bf16
+    assert bool(graphed.cast_weights) == bf16
     assert all(s.graph is None for s in eager.states.values())
     with torch.no_grad():
         torch.manual_seed(0)
@@ -204,3 +204,25 @@ def test_cuda_graph_captions_agree_with_generate_in_bf16(tmp_path: Path) -> None
     agreement = float((tokens[True] == tokens[False]).float().mean())
     print(f"bf16 token agreement with generate: {agreement:.3f}")
     assert agreement >= 0.9
+
+
+def test_weights_moved_or_recast_start_over_and_validation_end_frees_everything(
+    tmp_path: Path,
+) -> None:
+    module = _module(tmp_path, "cuda_graph")
+    batch = MLLMCollator(module.tokenizer.pad_token_id)(_prompt_items(module))
+    decoding = module.model.graphed_decoding
+    with torch.no_grad():
+        module.caption(batch)
+        (first,) = decoding.states.values()
+        module.model.double()  # new weight tensors: the old state must not be replayed
+        batch["pixel_values"] = batch["pixel_values"].double()
+        captions = module.caption(batch)
+        (second,) = decoding.states.values()
+        assert second is not first
+        module.generation_cfg.cache = "dynamic"
+        assert module.caption(batch) == captions
+    module.caption_metrics = None  # no metric to log (no Trainer here)
+    module._report_skipped = lambda stage: None
+    module.on_validation_epoch_end()
+    assert not decoding.states and decoding.weights_key is None

@@ -102,10 +102,6 @@ class _DecodingState:
             (batch, settings.max_new_tokens), settings.pad_id, dtype=torch.long, device=device
         )
         self.end_ids = torch.tensor(settings.end_ids, dtype=torch.long, device=device)
-        # autocast's low-precision copies of the linear layers' float32 weights, made once per
-        # call instead of at every replayed step (autocast caches casts only within one eager
-        # call); the same rounding, so the same numbers
-        self.cast_weights: dict[str, Tensor] = {}
         self.graph: torch.cuda.CUDAGraph | None = None
         self.capture_failed = False
 
@@ -123,6 +119,11 @@ class GraphedGreedyDecoding:
         self.keep = keep
         self.warmup_steps = warmup_steps
         self.states: OrderedDict[tuple, _DecodingState] = OrderedDict()
+        # autocast's low-precision copies of the linear layers' float32 weights, refreshed once
+        # per call instead of cast at every replayed step (autocast caches casts only within
+        # one eager call); the same rounding, so the same numbers. Shared by all shapes
+        self.cast_weights: dict[str, Tensor] = {}
+        self.weights_key: tuple | None = None
 
     def __deepcopy__(self, memo: dict) -> GraphedGreedyDecoding:
         # a copied model (EMA, averaging callbacks) captures its own graphs
@@ -139,7 +140,10 @@ class GraphedGreedyDecoding:
         self.__init__(**state)
 
     def clear(self) -> None:
+        """Free the caches, graphs and cast weights (e.g. after validation, for training)."""
         self.states.clear()
+        self.cast_weights = {}
+        self.weights_key = None
 
     @torch.no_grad()
     def __call__(
@@ -153,8 +157,8 @@ class GraphedGreedyDecoding:
         token where every row has ended, as ``generate``'s output does."""
         settings = GreedySettings.of(config)
         batch, prompt_len = prompt_attention_mask.shape
+        self._follow_weights(decoder)
         state = self._state(decoder, batch, prompt_len, settings)
-        refresh_cast_weights(decoder, state.cast_weights)
         state.cache.reset()
         state.attention_mask.fill_(1)
         state.attention_mask[:, :prompt_len].copy_(prompt_attention_mask)
@@ -166,7 +170,6 @@ class GraphedGreedyDecoding:
         positions = positions.masked_fill(prompt_attention_mask == 0, 0)
         out = self._forward(
             decoder,
-            state,
             inputs_embeds=prompt_embeds,
             attention_mask=state.attention_mask,
             position_ids=positions,
@@ -185,19 +188,29 @@ class GraphedGreedyDecoding:
                 break
         return trim_after_end(state.tokens[:, :done].clone(), settings.end_ids)
 
+    def _follow_weights(self, decoder: PreTrainedModel) -> None:
+        """Graphs hold the addresses of the weights (or of their cast copies): moved, re-cast
+        or replaced weights, or another autocast setting, start over; weights updated in
+        place (training between validations) only refresh the cast copies."""
+        autocast = decoder.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        key = (
+            str(decoder.device),
+            autocast and torch.get_autocast_dtype("cuda"),
+            tuple(p.data_ptr() for p in decoder.parameters()),
+        )
+        if key != self.weights_key:
+            self.clear()
+            self.weights_key = key
+        refresh_cast_weights(decoder, self.cast_weights)
+
     def _state(
         self, decoder: PreTrainedModel, batch: int, prompt_len: int, settings: GreedySettings
     ) -> _DecodingState:
-        device = decoder.device
-        autocast = device.type == "cuda" and torch.is_autocast_enabled("cuda")
         key = (
             batch,
             bucket(prompt_len + settings.max_new_tokens),
             settings,
-            str(device),
-            autocast and torch.get_autocast_dtype("cuda"),
             torch.is_inference_mode_enabled(),
-            tuple(p.data_ptr() for p in decoder.parameters()),
         )
         state = self.states.get(key)
         if state is None:
@@ -213,7 +226,6 @@ class GraphedGreedyDecoding:
         state.position.add_(1)
         out = self._forward(
             decoder,
-            state,
             input_ids=state.token,
             attention_mask=state.attention_mask,
             position_ids=state.position,
@@ -223,11 +235,10 @@ class GraphedGreedyDecoding:
         )
         self._choose(state, out.logits[:, -1], settings)
 
-    @staticmethod
-    def _forward(decoder: PreTrainedModel, state: _DecodingState, **inputs: Any) -> Any:
-        if not state.cast_weights:
+    def _forward(self, decoder: PreTrainedModel, **inputs: Any) -> Any:
+        if not self.cast_weights:
             return decoder(**inputs)
-        return functional_call(decoder, state.cast_weights, kwargs=inputs, tie_weights=False)
+        return functional_call(decoder, self.cast_weights, kwargs=inputs, tie_weights=False)
 
     @staticmethod
     def _choose(state: _DecodingState, logits: Tensor, settings: GreedySettings) -> None:
