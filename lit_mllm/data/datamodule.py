@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader, Subset
 from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.data.conversation import ConversationTokenizer
 from lit_mllm.data.dataset import MLLMDataset, SampleProcessor
+from lit_mllm.data.length_check import check_max_length
 from lit_mllm.data.options import CropMode, OnBadSample, check_int
 from lit_mllm.data.readers import DEFAULT_CAPTION_PROMPT, load_source
-from lit_mllm.data.records import SampleStore, caption_conversation
+from lit_mllm.data.records import SampleStore
 from lit_mllm.data.sampler import ResumableSampler
 from lit_mllm.data.slicing import ImageSlicing, SlicedImageTransform
 from lit_mllm.data.streaming.source import StreamSource, as_streams
@@ -26,8 +27,6 @@ from lit_mllm.data.synthetic.settings import SyntheticSettings
 from lit_mllm.data.synthetic.writer import ensure_written
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, build_image_transform
-from lit_mllm.data.turns import image_block
-from lit_mllm.tokens import IMAGE_PLACEHOLDER
 
 Stage = Literal["train", "val", "test", "predict"]
 STAGES: tuple[Stage, ...] = ("train", "val", "test", "predict")
@@ -235,47 +234,6 @@ class MLLMDataModule(L.LightningDataModule):
         self.skipped_at_load[stage] = Counter(samples.skipped)
         return samples
 
-    def _check_max_length(
-        self, split: Stage, samples: SampleStore, tokenize: ConversationTokenizer
-    ) -> None:
-        """Fail before training when ``max_length`` cannot hold one sample's prompt + 1 reply
-        token: otherwise every sample is dropped as ``no_supervised_tokens`` and the run "works".
-
-        Caption sources share one prompt, so their minimum is exact. For LLaVA data the probe is
-        the shortest sample shaped like the first record: an empty question with as many images
-        as it has, up to one. A max_length below that drops every such sample.
-        """
-        source = self.sources[split]
-        if source is None or len(samples) == 0:
-            return
-        if source.kind == "llava":
-            num_images = min(1, len(samples[0].image_paths))
-            question = IMAGE_PLACEHOLDER if num_images else ""
-            probe: Any = (
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": "x"},
-            )
-            what = f"a LLaVA sample with {num_images} image(s) and an empty question"
-        else:
-            num_images = 1
-            probe = caption_conversation(self.caption_prompt, "x")
-            what = f"a caption sample (prompt {self.caption_prompt!r})"
-        # the smallest image block: sliced images are at least one view
-        per_image = tokenize.num_image_tokens
-        if self.image_slicing is not None:
-            per_image = self.tokens_per_view or 1
-        need = tokenize.min_length(probe, image_blocks=[image_block(per_image)] * num_images)
-        if self.max_length < need:
-            blocks = num_images * (per_image + 2)
-            raise ValueError(
-                f"data.max_length {self.max_length} is too small for the {split} data "
-                f"({source.file}): {what} needs at least {need} tokens ({blocks} for the image "
-                f"block{'s' if num_images != 1 else ''} incl. start/end, {need - blocks - 1} for "
-                "the prompt and chat template, 1 for the reply), so every sample would be dropped "
-                f"as no_supervised_tokens. Set data.max_length >= {need} (or use fewer image "
-                "tokens / a shorter prompt)"
-            )
-
     def setup(self, stage: str | None = None) -> None:
         wanted: dict[str | None, tuple[Stage, ...]] = {
             "fit": ("train", "val"),
@@ -294,8 +252,19 @@ class MLLMDataModule(L.LightningDataModule):
             if samples is None and streams is None:
                 continue
             tokenize = tokenize or self._conversation_tokenizer()
-            if samples is not None:
-                self._check_max_length(split, samples, tokenize)
+            source = self.sources[split]
+            if samples is not None and source is not None and len(samples) > 0:
+                # sliced images: the smallest image block is one view
+                per_image = (self.tokens_per_view or 1) if self.image_slicing else None
+                check_max_length(
+                    self.max_length,
+                    split,
+                    source,
+                    samples,
+                    tokenize,
+                    self.caption_prompt,
+                    per_image,
+                )
             transform = build_image_transform(
                 data_config,
                 train=split == "train",
