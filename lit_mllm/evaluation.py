@@ -75,7 +75,9 @@ class CaptionEvaluation:
             self.hf_generation_config(),
             limit,
             image_features,
-            cuda_graph=self.generation_cfg.cache == "cuda_graph",
+            # FSDP gathers weights in every forward: ranks must step together, as generate's
+            # synced loop does; the graph loop stops per rank
+            cuda_graph=self.generation_cfg.cache == "cuda_graph" and not self._fsdp(),
         )
 
     def hf_generation_config(self):

@@ -259,9 +259,14 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
             encoder.model.float()
 
     def _fsdp(self) -> bool:
+        """Whether the Trainer shards the weights with FSDP (False outside a Trainer)."""
         from lightning.pytorch.strategies import FSDPStrategy
 
-        return isinstance(self.trainer.strategy, FSDPStrategy)
+        try:
+            strategy = self.trainer.strategy
+        except RuntimeError:  # not attached to a Trainer (notebooks, scripts)
+            return False
+        return isinstance(strategy, FSDPStrategy)
 
     def _grad_scaler(self) -> bool:
         """Whether the precision plugin scales gradients (and so skips non-finite steps)."""

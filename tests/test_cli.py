@@ -118,6 +118,22 @@ def test_fit_validate_test_predict_and_score(tmp_path: Path) -> None:
     )
     predictions = json.loads(results.read_text())
     assert len(predictions) == 8 and all(isinstance(p["caption"], str) for p in predictions)
+    # the CUDA-graph decoding loop (eager on a CPU) through Lightning's predict loop: the same
+    # captions
+    graphed = tmp_path / "results_graphed.json"
+    cli(
+        "predict",
+        "--config",
+        str(path),
+        "--ckpt_path",
+        str(ckpt),
+        "--model.predictions_path",
+        str(graphed),
+        "--model.generation.cache",
+        "cuda_graph",
+        cwd=tmp_path,
+    )
+    assert json.loads(graphed.read_text()) == predictions
     score = subprocess.run(
         [
             sys.executable,

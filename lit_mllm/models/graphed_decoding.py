@@ -196,6 +196,7 @@ class GraphedGreedyDecoding:
         key = (
             str(decoder.device),
             autocast and torch.get_autocast_dtype("cuda"),
+            torch.is_inference_mode_enabled(),  # inference tensors cannot be updated outside it
             tuple(p.data_ptr() for p in decoder.parameters()),
         )
         if key != self.weights_key:
@@ -206,12 +207,7 @@ class GraphedGreedyDecoding:
     def _state(
         self, decoder: PreTrainedModel, batch: int, prompt_len: int, settings: GreedySettings
     ) -> _DecodingState:
-        key = (
-            batch,
-            bucket(prompt_len + settings.max_new_tokens),
-            settings,
-            torch.is_inference_mode_enabled(),
-        )
+        key = (batch, bucket(prompt_len + settings.max_new_tokens), settings)
         state = self.states.get(key)
         if state is None:
             state = _DecodingState(decoder, batch, key[1], settings)
