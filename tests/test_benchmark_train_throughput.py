@@ -597,3 +597,32 @@ def test_real_sliced_rows_are_the_resampler_model_with_64_tokens_per_view() -> N
     wide = sliced.sliced_image((1008, 336))  # thumbnail + 3x1 slices of 336x336
     assert wide.plan.grid == (3, 1) and wide.num_views == 4
     assert len(wide.ids) == 4 * (64 + 2) + 1  # one newline after the row of slices
+
+
+def test_profiled_kernels_fall_into_the_groups_of_the_results_tables() -> None:
+    """Kernel names as the H200 profiles listed them (RESULTS.md, round 3)."""
+    from benchmarks.train_throughput.profiling import kernel_group, kernel_summary
+
+    names = {
+        "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NTN": "matmul (GEMM)",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel": (
+            "attention (flash / SDPA)"
+        ),
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": (
+            "attention (flash / SDPA)"
+        ),
+        "triton_poi_fused__unsafe_view_mul_silu_silu_backward_view_2": (
+            "compiled fused elementwise (triton)"
+        ),
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::": (
+            "optimizer (AdamW)"
+        ),
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::": (
+            "copies / casts"
+        ),
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, MeanOps": "other",
+    }
+    assert {name: kernel_group(name) for name in names} == names
+    # on a CPU the profile finds no GPU kernel: the summary says so instead of failing
+    text = kernel_summary(torch.device("cpu"), lambda: torch.ones(8) @ torch.ones(8), 1, "t", "x")
+    assert text.startswith("t: wall ") and "GPU kernels 0.0 ms/x (**GPU busy 0.0 %**" in text

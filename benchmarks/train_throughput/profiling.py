@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from benchmarks.train_throughput.device import sync
 from benchmarks.train_throughput.measure import Measurement
 from benchmarks.train_throughput.sizes import row_label
@@ -22,6 +24,12 @@ KERNEL_GROUPS = (  # (group, name fragments), first match wins; lower-case
 )
 
 
+def kernel_group(name: str) -> str:
+    """The KERNEL_GROUPS group of a CUDA kernel's name (first match wins), else "other"."""
+    lower = name.lower()
+    return next((g for g, keys in KERNEL_GROUPS if any(k in lower for k in keys)), "other")
+
+
 def profile_training(trainee: Trainee, stream: SampleStream, final: Measurement, steps: int) -> str:
     """torch.profiler over ``steps`` training steps at the row's final micro-batch: GPU busy
     share of wall time, kernel time by group and the top kernels, to say what holds MFU back."""
@@ -34,7 +42,7 @@ def profile_training(trainee: Trainee, stream: SampleStream, final: Measurement,
             trainee.step(batch)
 
     header = f"{row_label(final.row)}, {final.decoder}, micro-batch {batch_size}, {steps} "
-    return kernel_summary(trainee, run, steps, header + "profiled steps", "step")
+    return kernel_summary(trainee.device, run, steps, header + "profiled steps", "step")
 
 
 def profile_generation(
@@ -49,23 +57,27 @@ def profile_generation(
         f"{new_tokens} new tokens, cache {cache}, 1 profiled batch"
     )
     return kernel_summary(
-        trainee, lambda: trainee.generate(prompts, new_tokens, cache=cache), 1, header, "batch"
+        trainee.device,
+        lambda: trainee.generate(prompts, new_tokens, cache=cache),
+        1,
+        header,
+        "batch",
     )
 
 
 def kernel_summary(
-    trainee: Trainee, run: Callable[[], Any], units: int, header: str, unit: str
+    device: torch.device, run: Callable[[], Any], units: int, header: str, unit: str
 ) -> str:
     """Profile ``run`` (``units`` steps or batches): wall and GPU kernel time per unit, the
     GPU busy share, kernel time by group and the top kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    sync(trainee.device)
+    sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         run()
-        sync(trainee.device)
+        sync(device)
         wall_us = (time.perf_counter() - start) * 1e6
     # GPU-side user annotations ("Optimizer.step#AdamW.step", "ProfilerStep#3") span kernels
     # that are listed on their own: leave them out so no time is counted twice
@@ -79,8 +91,7 @@ def kernel_summary(
     total = sum(self_us(e) for e in kernels)
     groups: dict[str, float] = {}
     for event in kernels:
-        name = event.key.lower()
-        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        group = kernel_group(event.key)
         groups[group] = groups.get(group, 0.0) + self_us(event)
     lines = [
         f"{header}: wall {wall_us / 1e3 / units:.1f} ms/{unit}, GPU kernels "
