@@ -25,7 +25,7 @@ from lit_mllm.tokens import add_image_tokens
 NEW_TOKENS = 12
 
 
-def _module(tmp_path: Path, cache: str = "dynamic") -> MLLMModule:
+def _module(tmp_path: Path, cache: str = "dynamic", **overrides) -> MLLMModule:
     """The micro model with a wide-init decoder: its greedy captions differ per prompt."""
     folder = tmp_path / "dec"
     if not folder.exists():
@@ -35,6 +35,7 @@ def _module(tmp_path: Path, cache: str = "dynamic") -> MLLMModule:
     module = micro_module(
         decoder={"name_or_path": str(folder), "config": None},
         generation={"max_new_tokens": NEW_TOKENS, "cache": cache},
+        **overrides,
     )
     return module.eval()
 
@@ -226,3 +227,49 @@ def test_weights_moved_or_recast_start_over_and_validation_end_frees_everything(
     module._report_skipped = lambda stage: None
     module.on_validation_epoch_end()
     assert not decoding.states and decoding.weights_key is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lightning_predict_in_bf16_with_compiled_blocks_writes_the_dynamic_caches_captions(
+    tmp_path: Path,
+) -> None:
+    """The whole path of `lit-mllm predict` on CUDA: Lightning's inference mode, bf16-mixed
+    autocast from the precision plugin, decoder blocks compiled for training."""
+    import json
+
+    import lightning as L
+    from test_predict import write_llava
+
+    from lit_mllm.data.datamodule import MLLMDataModule, SplitSource
+
+    file, sample_ids = write_llava(tmp_path / "data")
+    rows = {}
+    for cache in ("dynamic", "cuda_graph"):
+        out = tmp_path / f"{cache}.json"
+        module = _module(tmp_path, cache, predictions_path=str(out))
+        module.model.compile_blocks()
+        data = MLLMDataModule(
+            **module.data_settings(),
+            predict=SplitSource(
+                kind="llava", file=str(file), image_root=str(file.parent / "images")
+            ),
+            eval_batch_size=2,
+            num_workers=0,
+        )
+        trainer = L.Trainer(
+            accelerator="cuda",
+            devices=1,
+            precision="bf16-mixed",
+            logger=False,
+            enable_progress_bar=False,
+        )
+        trainer.predict(module, datamodule=data)
+        rows[cache] = {r["sample_id"]: r["caption"] for r in json.loads(out.read_text())}
+    decoding = module.model.graphed_decoding
+    assert decoding.states and all(s.graph is not None for s in decoding.states.values())
+    assert decoding.cast_weights  # bf16-mixed: the linear weights cast once per call
+    assert sorted(rows["cuda_graph"]) == sorted(sample_ids)
+    same = sum(rows["cuda_graph"][i] == rows["dynamic"][i] for i in sample_ids)
+    print(f"captions equal to the dynamic cache's: {same} of {len(sample_ids)}")
+    assert same >= len(sample_ids) - 1 and len(set(rows["dynamic"].values())) > 1
