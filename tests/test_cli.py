@@ -105,35 +105,28 @@ def test_fit_validate_test_predict_and_score(tmp_path: Path) -> None:
             cwd=tmp_path,
         )
         assert "CIDEr" in out.stdout + out.stderr
-    results = tmp_path / "results.json"
-    cli(
-        "predict",
-        "--config",
-        str(path),
-        "--ckpt_path",
-        str(ckpt),
-        "--model.predictions_path",
-        str(results),
-        cwd=tmp_path,
-    )
-    predictions = json.loads(results.read_text())
+    # dynamic cache, then the CUDA-graph decoding loop (eager on a CPU) through Lightning's
+    # predict loop: the same captions
+    written = {}
+    for cache in ("dynamic", "cuda_graph"):
+        out_file = tmp_path / f"results_{cache}.json"
+        cli(
+            "predict",
+            "--config",
+            str(path),
+            "--ckpt_path",
+            str(ckpt),
+            "--model.predictions_path",
+            str(out_file),
+            "--model.generation.cache",
+            cache,
+            cwd=tmp_path,
+        )
+        written[cache] = json.loads(out_file.read_text())
+    predictions = written["dynamic"]
     assert len(predictions) == 8 and all(isinstance(p["caption"], str) for p in predictions)
-    # the CUDA-graph decoding loop (eager on a CPU) through Lightning's predict loop: the same
-    # captions
-    graphed = tmp_path / "results_graphed.json"
-    cli(
-        "predict",
-        "--config",
-        str(path),
-        "--ckpt_path",
-        str(ckpt),
-        "--model.predictions_path",
-        str(graphed),
-        "--model.generation.cache",
-        "cuda_graph",
-        cwd=tmp_path,
-    )
-    assert json.loads(graphed.read_text()) == predictions
+    assert written["cuda_graph"] == predictions
+    results = tmp_path / "results_dynamic.json"
     score = subprocess.run(
         [
             sys.executable,
