@@ -220,18 +220,20 @@ def run_row(
             dynamic, tokens = measure_generation(trainee, *sizes_args)
             report.generation.append(dynamic)
             if isinstance(trainee, LitTrainee):
-                for cache in args.gen_caches.split(","):
-                    if cache.strip() not in ("", "dynamic"):
-                        other, _ = measure_generation(trainee, *sizes_args, cache.strip(), tokens)
-                        report.generation.append(other)
+                others = [c.strip() for c in args.gen_caches.split(",")]
+                for cache in [c for c in others if c not in ("", "dynamic")]:
+                    other, _ = measure_generation(trainee, *sizes_args, cache, tokens)
+                    report.generation.append(other)
         # last: the profiler slows what runs after it in the process
         profiled = args.profile_rows is None or row in args.profile_rows.split(",")
         cuda = device.type == "cuda"
         if args.profile_steps > 0 and profiled and cuda and final is not None and final.ok:
             report.profile = profile_training(trainee, stream, final, args.profile_steps)
         if args.gen_profile and profiled and cuda and isinstance(trainee, LitTrainee):
-            sizes_args = (stream, args.gen_batch_size, args.gen_tokens, args.gen_profile)
-            texts = [report.profile, profile_generation(trainee, *sizes_args)]
+            captions = profile_generation(
+                trainee, stream, args.gen_batch_size, args.gen_tokens, args.gen_profile
+            )
+            texts = [report.profile, captions]
             report.profile = "\n\n".join(t for t in texts if t)
     except Exception as error:  # building the row failed: report it, go on with the others
         report.final = placeholder_row(row, decoder, failure_status(error))

@@ -186,7 +186,7 @@ class GraphedGreedyDecoding:
             done += self._run_steps(decoder, state, settings, steps)
             if state.end_ids.numel() and bool(state.finished.all()):
                 break
-        return trim_after_end(state.tokens[:, :done].clone(), settings.end_ids)
+        return trim_after_end(state.tokens[:, :done].clone(), state.end_ids)
 
     def _follow_weights(self, decoder: PreTrainedModel) -> None:
         """Graphs hold the addresses of the weights (or of their cast copies): moved, re-cast
@@ -284,8 +284,9 @@ class GraphedGreedyDecoding:
     ) -> torch.cuda.CUDAGraph | None:
         graph = torch.cuda.CUDAGraph()
         try:
-            # autocast's cast-weight cache would bake this call's bf16 copies into the graph:
-            # with the cache off the casts are kernels of the graph and follow weight updates
+            # weights outside ``cast_weights`` that autocast casts (e.g. linear subclasses):
+            # its cast cache would bake this call's copies into the graph; with the cache off
+            # the casts are kernels of the graph and follow weight updates
             dtype = torch.get_autocast_dtype("cuda")
             enabled = torch.is_autocast_enabled("cuda")
             with (
@@ -302,11 +303,11 @@ class GraphedGreedyDecoding:
         return graph
 
 
-def trim_after_end(tokens: Tensor, end_ids: tuple[int, ...]) -> Tensor:
+def trim_after_end(tokens: Tensor, end_ids: Tensor) -> Tensor:
     """Cut the columns after the step at which every row had ended (``generate``'s length)."""
-    if not end_ids or tokens.shape[1] == 0:
+    if end_ids.numel() == 0 or tokens.shape[1] == 0:
         return tokens
-    ended = torch.isin(tokens, torch.tensor(end_ids, device=tokens.device))
+    ended = torch.isin(tokens, end_ids)
     if not bool(ended.any(1).all()):
         return tokens
     last = int(ended.int().argmax(1).max())
