@@ -10,6 +10,7 @@ import torch
 
 from lit_mllm.data.collate import padding_waste
 from lit_mllm.data.datamodule import MLLMDataModule, SplitSource, SyntheticData
+from lit_mllm.data.streaming.source import StreamSource
 from lit_mllm.data.synthetic import generate_synthetic_dataset
 from lit_mllm.data.tokenizer import load_tokenizer
 from lit_mllm.models.vision import VisionEncoder
@@ -84,6 +85,20 @@ def test_packing_removes_padding_on_the_instruction_set(synthetic_dir: Path) -> 
     assert row["input_ids"].shape[0] == 1 and row["attention_mask"] is None
     restarts = int((row["position_ids"][0] == 0).sum())
     assert restarts == row["batch_size"]
+
+
+def test_length_grouping_cuts_padding_and_keeps_every_sample(synthetic_dir: Path) -> None:
+    plain_dm = make_datamodule(synthetic_dir)
+    grouped_dm = make_datamodule(synthetic_dir, length_grouping=6)
+    plain_dm.setup("fit")
+    grouped_dm.setup("fit")
+    plain, grouped = list(plain_dm.train_dataloader()), list(grouped_dm.train_dataloader())
+    assert padding_waste(grouped) < 0.6 * padding_waste(plain)
+    ids = sorted(s for b in grouped for s in b["sample_id"])
+    assert ids == sorted(s for b in plain for s in b["sample_id"]) and len(ids) == 96 * 5
+    assert grouped_dm.train_sampler.state_dict()["group_batches"] == 6
+    with pytest.raises(ValueError, match="data.length_grouping sorts a map-style training set"):
+        MLLMDataModule(train=StreamSource("shards/train"), length_grouping=8)
 
 
 def test_bad_images_are_skipped_and_counted(synthetic_dir: Path, tmp_path: Path) -> None:
@@ -196,6 +211,7 @@ def test_max_length_below_one_sample_fails_in_setup_naming_both_numbers(
         ({"crop_pct": 0.0}, "data.crop_pct must be > 0 (or null), got 0.0"),
         ({"crop_mode": "crop"}, "data.crop_mode must be one of ('center', 'squash', 'border')"),
         ({"on_bad_sample": "ignore"}, "data.on_bad_sample must be 'error' or 'skip', got 'ignore'"),
+        ({"length_grouping": -1}, "data.length_grouping must be an integer >= 0, got -1"),
         (
             {"synthetic": SyntheticData(num_train=-1)},
             "data.synthetic.num_train must be an integer >= 0, got -1",

@@ -58,3 +58,25 @@ def test_store_from_samples_save_load(tmp_path):
     store.save(tmp_path / "s.npz")
     loaded = SampleStore.load(tmp_path / "s.npz")
     assert list(loaded) == samples and loaded.skipped == {"bad_value": 1} and loaded.source == "mem"
+
+
+def test_store_sizes_count_text_and_images_without_decoding_images():
+    builder = StoreBuilder("/data/images", source="mem", prompt="Describe.")
+    group = builder.add_references(["a red square", "one red square at the top"])
+    builder.add("cap0", ["a.png"], 0, group=group)
+    builder.add("cap1", ["a.png"], 1, group=group)
+    llava = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]
+    builder.add("llava", ["b.png", "c.png"], llava)
+    parts = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+    builder.add("parts", [], parts)
+    chars, images = builder.build().sizes()
+    assert chars.tolist() == [
+        len("Describe.") + len("a red square"),
+        len("Describe.") + len("one red square at the top"),
+        len("<image>\nWhat?") + len("A cat."),
+        len("Hi") + len("Hello!"),
+    ]
+    assert images.tolist() == [1, 1, 2, 0]

@@ -90,6 +90,7 @@ class MLLMDataModule(L.LightningDataModule):
         augment: bool = False,
         max_length: int = 512,
         packing: bool = False,
+        length_grouping: int = 0,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -116,6 +117,11 @@ class MLLMDataModule(L.LightningDataModule):
         :mod:`lit_mllm.data.streaming`). Streamed training data resumes mid-epoch from the
         loader state Lightning keeps in every checkpoint.
 
+        ``length_grouping``: sort the shuffled training order by length within groups of this
+        many batches, then shuffle the group's batches (LLaVA's ``group_by_modality_length``):
+        padded batches of similar lengths carry less padding (0: off). Lengths are estimated
+        from the records (characters of text / 4 + image tokens), without tokenising.
+
         ``image_slicing``: read each image at its own resolution as a thumbnail + slices
         (MiniCPM-V; :mod:`lit_mllm.data.slicing`), or null for one view at the encoder's input
         size. The model is told (the CLI links it to ``model.image_slicing``). With slicing,
@@ -127,6 +133,7 @@ class MLLMDataModule(L.LightningDataModule):
         check_int("data.eval_batch_size", eval_batch_size, 1, optional=True)
         check_int("data.max_length", max_length, 2)
         check_int("data.num_workers", num_workers, 0)
+        check_int("data.length_grouping", length_grouping, 0)
         check_int("data.val_limit", val_limit, 1, optional=True)
         check_int("data.num_image_tokens", num_image_tokens, 1, optional=True)
         check_int("data.max_image_pixels", max_image_pixels, 1)
@@ -156,6 +163,12 @@ class MLLMDataModule(L.LightningDataModule):
                 ("predict", predict),
             )
         }
+        if length_grouping and as_streams(self.sources["train"]) is not None:
+            raise ValueError(
+                "data.length_grouping sorts a map-style training set, but data.train is "
+                "streamed (read in chunk order): set data.length_grouping: 0, or use "
+                "data.packing to avoid padding"
+            )
         self.caption_prompt = caption_prompt
         self.one_sample_per_caption = one_sample_per_caption
         self.system_prompt = system_prompt
@@ -168,6 +181,7 @@ class MLLMDataModule(L.LightningDataModule):
         self.augment = augment
         self.max_length = max_length
         self.packing = packing
+        self.length_grouping = length_grouping
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -372,6 +386,9 @@ class MLLMDataModule(L.LightningDataModule):
             seed=self.seed,
             num_replicas=world.get("num_replicas", 1),
             rank=world.get("rank", 0),
+            lengths=self._train_lengths() if self.length_grouping else None,
+            batch_size=self.batch_size,
+            group_batches=self.length_grouping,
         )
         # with workers, indices are drawn as soon as an iterator exists, before Lightning calls
         # set_epoch: start at the right epoch (a resumed one comes from the checkpoint, as
@@ -383,6 +400,12 @@ class MLLMDataModule(L.LightningDataModule):
             sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
         self.train_sampler = sampler
         return sampler
+
+    def _train_lengths(self) -> list[int]:
+        """Estimated tokens per training sample: text characters / 4 + the image tokens."""
+        chars, images = self.datasets["train"].samples.sizes()
+        per_image = self.tokens_per_view or self.num_image_tokens or 0
+        return (chars // 4 + images * per_image).tolist()
 
     # -- checkpointed state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

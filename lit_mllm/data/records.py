@@ -52,6 +52,16 @@ def _dumps(obj: Any) -> bytes:
     return _ENCODER.encode(obj).encode("utf-8")
 
 
+def _text_chars(content: Any) -> int:
+    """Characters of a message's text (``content``, or LLaVA's ``value``): a string, or the
+    text parts of a content list."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+    return 0
+
+
 class _Packer:
     """Appends byte records and remembers their offsets."""
 
@@ -173,6 +183,26 @@ class SampleStore(Sequence[Sample]):
             conv = caption_conversation(self.prompt, refs[conv])
         paths = tuple(os.path.join(self.image_root, p) for p in rel)
         return Sample(sample_id, paths, tuple(conv), image_id, refs)
+
+    def sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(characters of message text, images) per sample, from the records alone: lengths
+        for grouping batches by length, without decoding an image or running a tokenizer."""
+        chars = np.zeros(len(self), dtype=np.int64)
+        images = np.zeros(len(self), dtype=np.int64)
+        ref_chars: dict[int, list[int]] = {}
+        for i in range(len(self)):
+            a, b = self._offsets[i], self._offsets[i + 1]
+            _, rel, conv, _ = json.loads(self._data[a:b].tobytes())
+            images[i] = len(rel)
+            if isinstance(conv, int):  # a caption sample: the prompt and one reference
+                g = int(self._group[i])
+                if g not in ref_chars:
+                    ga, gb = self._goffsets[g], self._goffsets[g + 1]
+                    ref_chars[g] = [len(r) for r in json.loads(self._gdata[ga:gb].tobytes())]
+                chars[i] = len(self.prompt) + ref_chars[g][conv]
+            else:
+                chars[i] = sum(_text_chars(m.get("content", m.get("value"))) for m in conv)
+        return chars, images
 
     @property
     def nbytes(self) -> int:

@@ -16,13 +16,19 @@ positions ``r, r + R, r + 2R, ...``. ``consumed`` samples per rank are the first
 ``consumed * R`` positions of that global order, so a resume with a different number of
 replicas skips the same global samples and shares the rest out again.
 
+Length grouping (``lengths`` + ``group_batches``, LLaVA's and HF's ``group_by_length``): the
+shuffled order is cut into groups of ``group_batches`` global batches, each group sorted by length
+and its batches shuffled again, so a padded batch holds samples of similar length and carries
+less padding while batches still come in random order. It is part of the epoch's order, so a
+resume skips exactly the same samples.
+
 Subclassing ``DistributedSampler`` keeps Lightning from replacing it under DDP.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +46,8 @@ class ResumableSampler(DistributedSampler):
         seed: the data order seed; must be the same on every rank.
         num_replicas, rank: the data-parallel world; default 1 and 0 (no process group needed).
         drop_last: drop the tail instead of padding it with repeated samples.
+        lengths: a length (any unit) per sample; with ``group_batches`` > 0, each run of
+            ``group_batches`` global batches (``batch_size`` per rank) is sorted by it.
     """
 
     def __init__(
@@ -51,6 +59,9 @@ class ResumableSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+        group_batches: int = 0,
     ) -> None:
         # no super().__init__(): it insists on an initialised process group when rank is None
         n = size if isinstance(size, int) else len(size)
@@ -67,6 +78,17 @@ class ResumableSampler(DistributedSampler):
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.drop_last = drop_last
+        if group_batches < 0 or batch_size < 1:
+            raise ValueError(
+                f"ResumableSampler: group_batches must be >= 0 and batch_size >= 1, got "
+                f"{group_batches} and {batch_size}"
+            )
+        if group_batches and (lengths is None or len(lengths) != n):
+            got = "none" if lengths is None else len(lengths)
+            raise ValueError(f"ResumableSampler: group_batches needs {n} lengths, got {got}")
+        self.lengths = lengths
+        self.batch_size = int(batch_size)
+        self.group_batches = int(group_batches)
         self.epoch = 0
         self.num_samples = self._per_rank(n)
         self.total_size = self.num_samples * self.num_replicas
@@ -88,7 +110,25 @@ class ResumableSampler(DistributedSampler):
         if not self.shuffle:
             return list(range(self.size))
         generator = torch.Generator().manual_seed(self.seed + int(epoch))
-        return torch.randperm(self.size, generator=generator).tolist()
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.group_batches:
+            order = self._group_by_length(order, generator)
+        return order
+
+    def _group_by_length(self, order: list[int], generator: torch.Generator) -> list[int]:
+        """Sort each group of ``group_batches`` global batches by length, longest first, then
+        shuffle the group's batches (a global batch is what all ranks take in one step)."""
+        step = self.batch_size * self.num_replicas
+        size = step * self.group_batches
+        lengths = self.lengths
+        grouped: list[int] = []
+        for start in range(0, len(order), size):
+            group = sorted(order[start : start + size], key=lambda i: -lengths[i])
+            full = [group[i : i + step] for i in range(0, len(group) - step + 1, step)]
+            for b in torch.randperm(len(full), generator=generator).tolist():
+                grouped.extend(full[b])
+            grouped.extend(group[len(full) * step :])  # the epoch's partial batch stays last
+        return grouped
 
     def _shard(self, order: list[int], skip: int) -> list[int]:
         """This rank's share of ``order`` after the first ``skip`` global positions."""
@@ -131,6 +171,8 @@ class ResumableSampler(DistributedSampler):
             "shuffle": self.shuffle,
             "num_replicas": self.num_replicas,
             "drop_last": self.drop_last,
+            "group_batches": self.group_batches,
+            "batch_size": self.batch_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -145,17 +187,22 @@ class ResumableSampler(DistributedSampler):
                 "checkpoint was written by another lit-mllm version; resume from an epoch-end "
                 "checkpoint or retrain"
             )
+        saved = {"group_batches": 0, "batch_size": self.batch_size, **state}  # older states
+        keys = ("size", "seed", "shuffle", "group_batches")
+        if self.group_batches:  # the batch size shapes the groups only when grouping
+            keys += ("batch_size",)
         changed = [
-            f"{key}: checkpoint {state[key]!r}, now {getattr(self, key)!r}"
-            for key in ("size", "seed", "shuffle")
-            if state[key] != getattr(self, key)
+            f"{key}: checkpoint {saved[key]!r}, now {getattr(self, key)!r}"
+            for key in keys
+            if saved[key] != getattr(self, key)
         ]
         if changed:
             raise ValueError(
                 "cannot resume the training data order mid-epoch, the data changed ("
                 + "; ".join(changed)
-                + "): resume with the same training data, `data.seed` and shuffling, or load "
-                "only the weights (e.g. `MLLMModule.load_from_checkpoint`) for a new run"
+                + "): resume with the same training data, `data.seed`, shuffling and length "
+                "grouping, or load only the weights (e.g. `MLLMModule.load_from_checkpoint`) "
+                "for a new run"
             )
         epoch, consumed = int(state["epoch"]), int(state["consumed_global"])
         replicas = int(state["num_replicas"])
