@@ -148,6 +148,26 @@ def test_supervised_tokens_are_exactly_the_replies(name: str, load: Loader) -> N
 
 
 @pytest.mark.parametrize("name", TEMPLATE_TOKENIZERS)
+def test_one_tokenizer_reused_over_many_role_sequences_gives_fresh_results(
+    name: str, load: Loader
+) -> None:
+    """The placeholder rendering is kept per role sequence: reusing one ConversationTokenizer
+    over conversations of many shapes must give what a fresh one gives for each."""
+    tok = load(name)
+    reused = {}
+    conversations = random_conversations(40, seed=7)
+    assert len({len(turns) for turns, _ in conversations}) > 2  # several role sequences
+    for index, (turns, system) in enumerate(conversations * 2):
+        conv = reused.setdefault(
+            system, ConversationTokenizer(tok, num_image_tokens=3, system_prompt=system)
+        )
+        fresh = ConversationTokenizer(tok, num_image_tokens=3, system_prompt=system)
+        got, want = conv(turns, sample_id=str(index)), fresh(turns, sample_id=str(index))
+        assert torch.equal(got.input_ids, want.input_ids)
+        assert torch.equal(got.labels, want.labels) and got.reply_spans == want.reply_spans
+
+
+@pytest.mark.parametrize("name", TEMPLATE_TOKENIZERS)
 def test_input_ids_equal_apply_chat_template(name: str, load: Loader) -> None:
     tok = load(name)
     for index, (turns, system) in enumerate(random_conversations(50, seed=7)):

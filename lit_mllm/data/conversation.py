@@ -77,6 +77,7 @@ class ConversationTokenizer:
         self.chat_template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self._special_ids = set(tokenizer.all_special_ids)
+        self._skeletons: dict[tuple[str, ...], str] = {}  # role sequence -> placeholder rendering
 
     # -- rendering -----------------------------------------------------------------------------
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
@@ -106,9 +107,7 @@ class ConversationTokenizer:
     def _content_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
         """Character span of each message's content in ``text`` (the real rendering)."""
         placeholders = [_PLACEHOLDER.format(i) for i in range(len(messages))]
-        skeleton = self.render(
-            [{"role": m["role"], "content": p} for m, p in zip(messages, placeholders, strict=True)]
-        )
+        skeleton = self._skeleton(tuple(m["role"] for m in messages))
         spans: list[tuple[int, int]] = []
         rebuilt: list[str] = []
         cursor = shift = 0
@@ -125,6 +124,17 @@ class ConversationTokenizer:
         if "".join(rebuilt) != text:  # the template transformed some content
             return self._search_spans(messages, text)
         return spans
+
+    def _skeleton(self, roles: tuple[str, ...]) -> str:
+        """The rendering with placeholder contents: it depends on the roles alone (template and
+        its keyword arguments are fixed), so it is rendered once per role sequence."""
+        skeleton = self._skeletons.get(roles)
+        if skeleton is None:
+            skeleton = self.render(
+                [{"role": r, "content": _PLACEHOLDER.format(i)} for i, r in enumerate(roles)]
+            )
+            self._skeletons[roles] = skeleton
+        return skeleton
 
     @staticmethod
     def _search_spans(messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
