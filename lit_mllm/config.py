@@ -151,9 +151,7 @@ PRESETS: dict[str, ModelSettings] = {
                 "num_heads": 2,
             },
         ),
-        # 4 cross-attention heads of 64 (MiniCPM-V's rule would give 2 of 128): kind accuracy
-        # 96.3 % vs 95.0 % averaged over 4 seeds, every fact up (RESULTS.md, "Tiny encoder")
-        connector=ConnectorConfig(kind="resampler", num_queries=9, num_heads=4),
+        connector=ConnectorConfig(kind="resampler", num_queries=9),
         decoder=DecoderConfig(
             config={
                 "model_type": "qwen2",
