@@ -120,6 +120,12 @@ def test_length_grouping_resumes_exactly_and_refuses_another_grouping() -> None:
         ResumableSampler(50, seed=3).load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size: checkpoint 5, now 4"):
         _grouped(50, lengths, batch_size=4, group_batches=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="num_replicas: checkpoint 1, now 2"):
+        _grouped(50, lengths, 2, 0, batch_size=5, group_batches=3).load_state_dict(state)
+    epoch_start = _grouped(50, lengths, batch_size=5, group_batches=3).state_dict(consumed=50)
+    two_ranks = _grouped(50, lengths, 2, 0, batch_size=4, group_batches=3)
+    two_ranks.load_state_dict(epoch_start)  # a whole epoch done: other devices may go on
+    assert two_ranks.epoch == 1 and len(list(two_ranks)) == 25
     old_state = {k: v for k, v in ResumableSampler(50, seed=3).state_dict(consumed=5).items()}
     for key in ("group_batches", "batch_size"):  # a state written before grouping existed
         old_state.pop(key)

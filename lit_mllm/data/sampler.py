@@ -189,8 +189,8 @@ class ResumableSampler(DistributedSampler):
             )
         saved = {"group_batches": 0, "batch_size": self.batch_size, **state}  # older states
         keys = ("size", "seed", "shuffle", "group_batches")
-        if self.group_batches:  # the batch size shapes the groups only when grouping
-            keys += ("batch_size",)
+        if self.group_batches and state["consumed_global"]:  # mid-epoch, the global batches
+            keys += ("batch_size", "num_replicas")  # (batch size x ranks) shaped the groups
         changed = [
             f"{key}: checkpoint {saved[key]!r}, now {getattr(self, key)!r}"
             for key in keys
@@ -201,7 +201,8 @@ class ResumableSampler(DistributedSampler):
                 "cannot resume the training data order mid-epoch, the data changed ("
                 + "; ".join(changed)
                 + "): resume with the same training data, `data.seed`, shuffling and length "
-                "grouping, or load only the weights (e.g. `MLLMModule.load_from_checkpoint`) "
+                "grouping (with grouping, also the batch size and number of devices), or load "
+                "only the weights (e.g. `MLLMModule.load_from_checkpoint`) "
                 "for a new run"
             )
         epoch, consumed = int(state["epoch"]), int(state["consumed_global"])
