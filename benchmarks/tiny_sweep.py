@@ -56,12 +56,14 @@ def run_one(
         *common,
         *flags,
     ]
-    start = time.perf_counter()
+    start, start_wall = time.perf_counter(), time.time()
     with open(out / "log.txt", "w") as log:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
     row = {"variant": name, "seed": seed, "wall_s": time.perf_counter() - start, "rc": code}
-    reports = sorted(out.rglob("caption_report.json"))
-    if code != 0 or not reports:
+    # this run's report: the newest (a rerun into the same root adds version_N folders, which
+    # do not sort by name past version_9)
+    reports = sorted(out.rglob("caption_report.json"), key=lambda path: path.stat().st_mtime)
+    if code != 0 or not reports or reports[-1].stat().st_mtime < start_wall:
         row["error"] = (out / "log.txt").read_text()[-2000:]
         return row
     report = json.loads(reports[-1].read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 
@@ -58,3 +59,36 @@ def test_main_runs_every_variant_and_seed_with_the_common_flags(tmp_path, monkey
     assert {tuple(c[1]) for c in calls} == {(), ("--x", "1")}
     assert "| **b mean of 2** (kind min 90.0) |" in out.read_text()
     assert len(json.loads(out.with_suffix(".json").read_text())) == 4
+
+
+def _report(kind: float) -> str:
+    facts = {"colour": 0.97, "size": 0.99, "place": 0.98, "kind": kind}
+    metrics = [{"metric": "CIDEr", "model": 3.5, "reference": 1.87, "ratio": 1.9}]
+    return json.dumps({"metrics": metrics, "loss": 0.56, "facts": facts})
+
+
+def test_run_one_reads_this_runs_report_not_an_older_one(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "a-s0"
+    for version in (2, 10):  # version_10 sorts before version_2 by name
+        folder = out / "tensorboard" / f"version_{version}"
+        folder.mkdir(parents=True)
+        (folder / "caption_report.json").write_text(_report(0.5))
+    old = out / "tensorboard" / "version_2" / "caption_report.json"
+    os.utime(old, (1, 1))
+    os.utime(out / "tensorboard" / "version_10" / "caption_report.json", (2, 2))
+
+    def fit_writing(version: int | None):
+        def call(command, stdout, stderr):
+            if version is not None:
+                folder = out / "tensorboard" / f"version_{version}"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "caption_report.json").write_text(_report(0.96))
+            return 0
+
+        return call
+
+    monkeypatch.setattr(tiny_sweep.subprocess, "call", fit_writing(11))
+    row = tiny_sweep.run_one("a", [], 0, [], tmp_path, "configs/tiny.yaml")
+    assert row["kind"] == 0.96 and "error" not in row
+    monkeypatch.setattr(tiny_sweep.subprocess, "call", fit_writing(None))  # rc 0, no report
+    assert "error" in tiny_sweep.run_one("a", [], 0, [], tmp_path, "configs/tiny.yaml")
