@@ -23,7 +23,7 @@ from lit_mllm.checkpoints.safe_load import (
     refuse_remote_code,
 )
 from lit_mllm.config import preset_defaults
-from lit_mllm.console import refuse_fp16_on_cpu, run_lightning_cli
+from lit_mllm.console import add_precision_arguments, check_precision, run_lightning_cli
 from lit_mllm.data.datamodule import MLLMDataModule
 from lit_mllm.errors import DEBUG_FLAG, DEBUG_HELP, UsageError, pop_debug_flag
 from lit_mllm.module import MLLMModule
@@ -36,6 +36,7 @@ def _first_process_on_this_machine() -> bool:
 
 class MLLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_precision_arguments(parser)
         # what the model decides and the data must agree with: taken from the built model
         for name in ("tokenizer_name", "num_image_tokens", "image_data_config"):
             target = "tokenizer" if name == "tokenizer_name" else name
@@ -55,6 +56,7 @@ class MLLMCLI(LightningCLI):
         if preset is not None:  # the preset's settings become defaults: every field given in
             parser.set_defaults(preset_defaults(preset, f"{prefix}model."))  # YAML or on the
             self._parse(parser, args)  # command line still wins, one field at a time
+        check_precision(self.config[subcommand] if subcommand else self.config)
         if subcommand:
             self._check_run_settings(subcommand, self.config[subcommand])
 
@@ -68,7 +70,6 @@ class MLLMCLI(LightningCLI):
     def _check_run_settings(self, subcommand: str, config: Namespace) -> None:
         """``weights_only=True`` for every load; a ``--ckpt_path`` checked before Lightning
         reads it, and refused when the model settings given here differ from its own."""
-        refuse_fp16_on_cpu(config.get("trainer"))
         if "weights_only" in config:
             if config["weights_only"] is False:
                 raise UsageError(

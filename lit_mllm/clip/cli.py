@@ -8,12 +8,13 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_mllm.clip.data import CaptionPairDataModule
 from lit_mllm.clip.module import ContrastivePretraining
-from lit_mllm.console import refuse_fp16_on_cpu, run_lightning_cli
+from lit_mllm.console import add_precision_arguments, check_precision, run_lightning_cli
 from lit_mllm.errors import DEBUG_FLAG, DEBUG_HELP, pop_debug_flag
 
 
 class ClipCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        add_precision_arguments(parser)
         # the encoder decides its preprocessing; the data side takes it from the built model
         parser.link_arguments(
             "model.image_data_config", "data.image_data_config", apply_on="instantiate"
@@ -25,7 +26,7 @@ class ClipCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")
-        refuse_fp16_on_cpu((self.config[subcommand] if subcommand else self.config).get("trainer"))
+        check_precision(self.config[subcommand] if subcommand else self.config)
 
 
 def main(args: list[str] | None = None) -> int:
