@@ -36,6 +36,36 @@ def test_reference_varlen_matches_per_sample_sdpa_with_gqa() -> None:
         torch.testing.assert_close(out[a:b], expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_varlen_gradients_match_per_segment_attention(causal: bool) -> None:
+    """The batched CPU path (segments scattered into a padded batch) against a loop of plain
+    per-segment SDPA calls, values and gradients, with a one-token segment and GQA."""
+    torch.manual_seed(1)
+    cu = torch.tensor([0, 1, 6, 8, 15], dtype=torch.int32)
+    q = torch.randn(15, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(15, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(15, 2, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(15, 4, 8, dtype=torch.float64)
+    out = attention.reference_varlen(q, k, v, cu, 7, 0.3, causal=causal)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1),
+                k[a:b].transpose(0, 1).repeat_interleave(2, dim=0),
+                v[a:b].transpose(0, 1).repeat_interleave(2, dim=0),
+                is_causal=causal,
+                scale=0.3,
+            ).transpose(0, 1)
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)
+        ]
+    )
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.skipif(attention._torch_varlen() is None, reason="torch without nn.attention.varlen")
 def test_flash_varlen_passes_arguments_the_torch_kernel_accepts(monkeypatch) -> None:
     real = attention._torch_varlen()

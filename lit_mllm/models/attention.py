@@ -2,8 +2,9 @@
 
 ``attn_implementation: lit_varlen`` (registered on import) sends packed rows (one row, no
 attention mask, position ids restarting per sample) to ``torch.nn.attention.varlen`` on CUDA
-and to a per-segment SDPA loop elsewhere; padded batches and KV-cache decoding use the stock
-SDPA path. With plain SDPA, packing needs a dense (T x T) block-diagonal mask instead.
+and to one batched attention over the row's segments elsewhere; padded batches and KV-cache
+decoding use the stock SDPA path. With plain SDPA, packing needs a dense (T x T) block-diagonal
+mask instead.
 
 Two registrations make this work: the attention function (``AttentionInterface``) and a mask
 function (``AttentionMaskInterface``). transformers builds no mask at all for an attention name
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -58,17 +58,34 @@ def reference_varlen(
     causal: bool = True,
 ) -> torch.Tensor:
     """Attention per segment on (T, H, D) tensors, GQA by head repetition: the CPU path.
-    Causal for the decoder's packed rows; ``causal=False`` for the encoder's packed views."""
+    Causal for the decoder's packed rows; ``causal=False`` for the encoder's packed views.
+
+    The segments are scattered into a padded (segments, H, max_len, D) batch for one batched
+    product, then gathered back: only attention sees padding, every other layer of a packed
+    row runs on real tokens alone (a Python loop over segments cost what packing saved)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = torch.empty_like(q)
-    bounds = cu.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]
-        out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=causal, scale=scale).transpose(
-            0, 1
-        )
-    return out
+    lengths = (cu[1:] - cu[:-1]).long()
+    count, total = lengths.numel(), q.shape[0]
+    starts = cu[:-1].long().repeat_interleave(lengths, output_size=total)
+    segment = torch.arange(count, device=q.device).repeat_interleave(lengths, output_size=total)
+    slot = segment * max_len + torch.arange(total, device=q.device) - starts
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        grid = t.new_zeros(count * max_len, *t.shape[1:]).index_copy(0, slot, t)
+        return grid.unflatten(0, (count, max_len)).transpose(1, 2)  # (segments, H, L, D)
+
+    keys = torch.arange(max_len, device=q.device)
+    allowed = (keys < lengths[:, None])[:, None, None, :]  # real keys of each segment
+    if causal:
+        allowed = allowed & (keys[None, :] <= keys[:, None])
+    scores = (padded(q) @ padded(k).transpose(-1, -2)) * scale
+    # softmax in float32 at least, as transformers' eager attention
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=softmax_dtype)
+    weights = weights.to(q.dtype)
+    out = (weights @ padded(v)).transpose(1, 2).flatten(0, 1)  # (segments * L, H, D)
+    return out.index_select(0, slot)
 
 
 def _torch_varlen() -> Callable[..., torch.Tensor] | None:
