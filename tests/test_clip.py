@@ -14,7 +14,7 @@ import torch
 from lit_mllm.clip.cli import main as clip_main
 from lit_mllm.clip.data import CaptionPairDataModule
 from lit_mllm.clip.module import ContrastivePretraining
-from lit_mllm.clip.probe import probe_encoder
+from lit_mllm.clip.probe import fit_softmax_regression, probe_encoder
 from lit_mllm.config import PRESETS
 from lit_mllm.data.synthetic import SyntheticSettings, generate_synthetic_dataset
 from lit_mllm.models.vision import VisionEncoder
@@ -122,6 +122,34 @@ def test_linear_probe_of_the_shipped_encoder_beats_a_random_one(tmp_path: Path) 
     for fact, margin in PROBE_MARGINS.items():
         assert shipped[fact] >= 0.97, (fact, shipped)
         assert shipped[fact] >= random[fact] + margin, (fact, shipped, random)
+
+
+def test_probe_fitted_in_the_row_space_solves_the_full_problem() -> None:
+    """More features than rows: the fit in the rows' orthonormal basis reaches the optimum of
+    the full (D-column) problem, found here by L-BFGS on all D columns."""
+    torch.manual_seed(0)
+    x, y, l2 = torch.randn(40, 300, dtype=torch.float64), torch.randint(0, 3, (40,)), 1e-3
+    weight, bias = fit_softmax_regression(x, y, l2)
+    full_w = torch.zeros(300, 3, dtype=x.dtype, requires_grad=True)
+    full_b = torch.zeros(3, dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [full_w, full_b], max_iter=2000, tolerance_grad=1e-12, line_search_fn="strong_wolfe"
+    )
+
+    def objective(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * w.pow(2).sum()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = objective(full_w, full_b)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert weight.shape == (300, 3)
+    torch.testing.assert_close(weight, full_w.detach(), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(bias, full_b.detach(), rtol=1e-3, atol=1e-4)
+    assert abs(float(objective(weight, bias)) - float(objective(full_w, full_b))) < 1e-8
 
 
 # measured on this probe set (600 train / 300 test, seed 7), 2026-12-02: shipped 1.00 on all

@@ -52,6 +52,39 @@ def patch_features(encoder: VisionEncoder, pixels: Tensor, batch_size: int = 256
     return torch.cat(chunks).flatten(1)
 
 
+def fit_softmax_regression(
+    x: Tensor, y: Tensor, l2: float = 1e-3, num_classes: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Weight (D, classes) and bias of an L2-regularised softmax regression, L-BFGS from zero.
+
+    With fewer rows than columns (probes: hundreds of images, ~18k features) it is fitted in
+    the rows' own orthonormal basis ``V``: the optimum lies in their span (the gradient of the
+    loss does), and lengths and inner products are the same there, so it is the same problem
+    (weight ``V @ B``) with N instead of D columns per product: L-BFGS's curvature pairs are
+    unchanged, only its first step size (1 / L1 norm of the gradient) and its stopping tests
+    (largest entry) read coordinates. The products no longer stream the (N, D) features."""
+    basis = None
+    if x.shape[1] > x.shape[0]:
+        basis = torch.linalg.svd(x, full_matrices=False).Vh.T  # (D, N), orthonormal columns
+        x = x @ basis
+    classes = num_classes or int(y.max()) + 1
+    weight = torch.zeros(x.shape[1], classes, dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros(classes, dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=300, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    weight, bias = weight.detach(), bias.detach()
+    return (weight if basis is None else basis @ weight), bias
+
+
 def fit_linear_probe(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, l2: float = 1e-3
 ) -> float:
@@ -59,21 +92,8 @@ def fit_linear_probe(
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     classes = int(max(train_y.max(), test_y.max())) + 1
-    weight = torch.zeros(train_x.shape[1], classes, requires_grad=True)
-    bias = torch.zeros(classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=300, history_size=20, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(train_x @ weight + bias, train_y) + l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        return float(((test_x @ weight + bias).argmax(1) == test_y).float().mean())
+    weight, bias = fit_softmax_regression(train_x, train_y, l2, num_classes=classes)
+    return float(((test_x @ weight + bias).argmax(1) == test_y).float().mean())
 
 
 def load_probe_split(folder: str | Path, split: str, transform: Any) -> tuple[Tensor, list[dict]]:
