@@ -13,7 +13,7 @@ demo: install
 test: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2  # two test processes (pytest-xdist): CI has 2 cores
 
 lint:
 	$(PYTHON) -m ruff check --fix .
