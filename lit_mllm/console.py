@@ -21,7 +21,7 @@ def add_precision_arguments(parser: Any) -> None:
         type=bool,
         default=True,
         help="train in 32-true instead of a bf16 precision on a CPU without native bf16 "
-        "(measured at start-up: emulated bf16 is ~50x slower than float32 there)",
+        "(measured at start-up: emulated bf16 can be ~80x slower than float32)",
     )
 
 
