@@ -37,16 +37,21 @@ def test_reference_varlen_matches_per_sample_sdpa_with_gqa() -> None:
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_reference_varlen_gradients_match_per_segment_attention(causal: bool) -> None:
-    """The batched CPU path (segments scattered into a padded batch) against a loop of plain
-    per-segment SDPA calls, values and gradients, with a one-token segment and GQA."""
+@pytest.mark.parametrize("kernel", ["batched", "looped"])
+def test_cpu_segment_attention_gradients_match_per_segment_sdpa(kernel: str, causal: bool) -> None:
+    """Both CPU paths against plain per-segment SDPA calls, values and gradients, with a
+    one-token segment and GQA."""
     torch.manual_seed(1)
     cu = torch.tensor([0, 1, 6, 8, 15], dtype=torch.int32)
     q = torch.randn(15, 4, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(15, 2, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(15, 2, 8, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(15, 4, 8, dtype=torch.float64)
-    out = attention.reference_varlen(q, k, v, cu, 7, 0.3, causal=causal)
+    k4, v4 = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    if kernel == "batched":
+        out = attention.batched_segment_attention(q, k4, v4, cu, 7, 0.3, causal)
+    else:
+        out = attention.looped_segment_attention(q, k4, v4, cu, 0.3, causal)
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
     expected = torch.cat(
         [
@@ -64,6 +69,26 @@ def test_reference_varlen_gradients_match_per_segment_attention(causal: bool) ->
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "batched"),
+    [([60, 70, 80, 55], True), ([145, 10, 10, 10], False)],  # captions; a long view + short ones
+)
+def test_reference_varlen_pads_only_segments_of_similar_length(
+    monkeypatch, lengths: list[int], batched: bool
+) -> None:
+    calls = []
+    for name in ("batched_segment_attention", "looped_segment_attention"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(
+            attention, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a)
+        )
+    total = sum(lengths)
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    q, kv = torch.randn(total, 2, 4), torch.randn(total, 1, 4)
+    attention.reference_varlen(q, kv, kv, cu, max(lengths), 0.5)
+    assert calls == ["batched_segment_attention" if batched else "looped_segment_attention"]
 
 
 @pytest.mark.skipif(attention._torch_varlen() is None, reason="torch without nn.attention.varlen")

@@ -2,9 +2,9 @@
 
 ``attn_implementation: lit_varlen`` (registered on import) sends packed rows (one row, no
 attention mask, position ids restarting per sample) to ``torch.nn.attention.varlen`` on CUDA
-and to one batched attention over the row's segments elsewhere; padded batches and KV-cache
-decoding use the stock SDPA path. With plain SDPA, packing needs a dense (T x T) block-diagonal
-mask instead.
+and to one batched attention over the row's segments elsewhere (a loop over very uneven
+ones); padded batches and KV-cache decoding use the stock SDPA path. With plain SDPA, packing
+needs a dense (T x T) block-diagonal mask instead.
 
 Two registrations make this work: the attention function (``AttentionInterface``) and a mask
 function (``AttentionMaskInterface``). transformers builds no mask at all for an attention name
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -48,6 +49,12 @@ def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return value
 
 
+# the batched CPU path pads every segment to the longest: used while that costs at most this
+# many times the attention work of the segments alone (sum of squared lengths; the tiny
+# recipe's caption batches: 1.5-2.0)
+PADDED_ATTENTION_LIMIT = 3.0
+
+
 def reference_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,11 +67,43 @@ def reference_varlen(
     """Attention per segment on (T, H, D) tensors, GQA by head repetition: the CPU path.
     Causal for the decoder's packed rows; ``causal=False`` for the encoder's packed views.
 
-    The segments are scattered into a padded (segments, H, max_len, D) batch for one batched
-    product, then gathered back: only attention sees padding, every other layer of a packed
-    row runs on real tokens alone (a Python loop over segments cost what packing saved)."""
+    Segments of similar lengths (a packed micro-batch of captions) go through one batched
+    attention; a Python loop over them cost what packing saved. Very uneven ones (a long view
+    beside short ones) go one by one, where padding them all to the longest would waste more."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    if len(lengths) * max_len**2 <= PADDED_ATTENTION_LIMIT * sum(n * n for n in lengths):
+        return batched_segment_attention(q, k, v, cu, max_len, scale, causal)
+    return looped_segment_attention(q, k, v, cu, scale, causal)
+
+
+def looped_segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float, causal: bool
+) -> torch.Tensor:
+    """One SDPA call per segment (heads already repeated for GQA)."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        seg = [t[a:b].transpose(0, 1) for t in (q, k, v)]
+        out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=causal, scale=scale).transpose(
+            0, 1
+        )
+    return out
+
+
+def batched_segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """The segments scattered into a padded (segments, H, max_len, D) batch for one batched
+    product, then gathered back: only attention sees padding, every other layer of a packed
+    row runs on real tokens alone (heads already repeated for GQA)."""
     lengths = (cu[1:] - cu[:-1]).long()
     count, total = lengths.numel(), q.shape[0]
     starts = cu[:-1].long().repeat_interleave(lengths, output_size=total)

@@ -4,7 +4,7 @@ Sliced images give a batch many view sizes (26 distinct ones in a step of 32 COC
 Run size by size, the encoder launches its ~300 kernels once per size, which left an H200 idle
 for half of a training step. Here the patch embeddings of all views are laid end to end and
 every block runs once over them; attention stays inside each view through the varlen flash
-kernel on CUDA (per view with SDPA elsewhere). Each view's position table is timm's resampling
+kernel on CUDA (``reference_varlen`` elsewhere). Each view's position table is timm's resampling
 (``grid_resize``: no interpolation kernel per grid). The result equals running each size on its
 own through timm, which the tests check.
 
