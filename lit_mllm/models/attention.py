@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -79,8 +80,8 @@ def reference_varlen(
 
 
 def looped_segment_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float, causal: bool
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float, causal: bool
+) -> Tensor:
     """One SDPA call per segment (heads already repeated for GQA)."""
     out = torch.empty_like(q)
     bounds = cu.tolist()
@@ -93,14 +94,8 @@ def looped_segment_attention(
 
 
 def batched_segment_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu: torch.Tensor,
-    max_len: int,
-    scale: float,
-    causal: bool,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float, causal: bool
+) -> Tensor:
     """The segments scattered into a padded (segments, H, max_len, D) batch for one batched
     product, then gathered back: only attention sees padding, every other layer of a packed
     row runs on real tokens alone (heads already repeated for GQA)."""
@@ -110,7 +105,7 @@ def batched_segment_attention(
     segment = torch.arange(count, device=q.device).repeat_interleave(lengths, output_size=total)
     slot = segment * max_len + torch.arange(total, device=q.device) - starts
 
-    def padded(t: torch.Tensor) -> torch.Tensor:
+    def padded(t: Tensor) -> Tensor:
         grid = t.new_zeros(count * max_len, *t.shape[1:]).index_copy(0, slot, t)
         return grid.unflatten(0, (count, max_len)).transpose(1, 2)  # (segments, H, L, D)
 
