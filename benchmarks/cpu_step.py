@@ -55,21 +55,13 @@ def time_variant(
     data.setup("fit")
     loader = iter(data.train_dataloader())
     batches = [next(loader) for _ in range(WARMUP_STEPS + args.steps)]
-    model = module.model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
     bf16 = args.precision == "bf16-mixed"
     seconds, losses = [], []
     for batch in batches:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = model(
-                batch["input_ids"],
-                batch["labels"],
-                pixel_values=batch["pixel_values"],
-                attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"),
-                layout=batch.get("layout"),
-            )
+            loss, _ = module(batch)  # MLLMModule.forward: the batch's fields into the model
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
