@@ -91,9 +91,9 @@ def test_reference_varlen_pads_only_segments_of_similar_length(
     assert calls == ["batched_segment_attention" if batched else "looped_segment_attention"]
 
 
-@pytest.mark.skipif(attention._torch_varlen() is None, reason="torch without nn.attention.varlen")
+@pytest.mark.skipif(attention.TORCH_VARLEN is None, reason="torch without nn.attention.varlen")
 def test_flash_varlen_passes_arguments_the_torch_kernel_accepts(monkeypatch) -> None:
-    real = attention._torch_varlen()
+    real = attention.TORCH_VARLEN.fn
     seen = {}
 
     def fake(*args, **kwargs):
@@ -102,16 +102,37 @@ def test_flash_varlen_passes_arguments_the_torch_kernel_accepts(monkeypatch) -> 
         return args[0]
 
     fake.__signature__ = inspect.signature(real)  # what flash_varlen reads to pick arguments
-    monkeypatch.setattr(attention, "_torch_varlen", lambda: fake)
-    attention._varlen_options.cache_clear()
+    monkeypatch.setattr(attention, "TORCH_VARLEN", attention.varlen_kernel_of(fake))
     q, kv = torch.zeros(6, 4, 8), torch.zeros(6, 2, 8)
     attention.flash_varlen(q, kv, kv, torch.tensor([0, 6], dtype=torch.int32), 6, 0.5)
     assert seen["scale"] == 0.5
     assert seen.get("window_size") == (-1, 0) or seen.get("is_causal") is True
     seen.clear()  # the encoder's packed views: full attention inside each segment
     attention.flash_varlen(q, kv, kv, torch.tensor([0, 6], dtype=torch.int32), 6, 0.5, causal=False)
-    attention._varlen_options.cache_clear()
     assert seen.get("window_size") == (-1, -1) or seen.get("is_causal") is False
+
+
+@pytest.mark.parametrize("native_gqa", [True, False])
+def test_flash_varlen_repeats_key_heads_only_for_a_kernel_without_gqa(
+    monkeypatch, native_gqa
+) -> None:
+    seen = {}
+
+    def with_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, is_causal, enable_gqa=False):
+        seen.update(k_heads=k.shape[1], v_heads=v.shape[1], enable_gqa=enable_gqa)
+        return q
+
+    def without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, is_causal):  # torch 2.10, 2.11
+        seen.update(k_heads=k.shape[1], v_heads=v.shape[1], enable_gqa=False)
+        torch.testing.assert_close(k[:, 0::3], k[:, 2::3])  # each key head 3 times in a row
+        return q
+
+    kernel = attention.varlen_kernel_of(with_gqa if native_gqa else without_gqa)
+    monkeypatch.setattr(attention, "TORCH_VARLEN", kernel)
+    q, kv = torch.zeros(6, 6, 8), torch.randn(6, 2, 8)
+    attention.flash_varlen(q, kv, kv, torch.tensor([0, 6], dtype=torch.int32), 6, 0.5)
+    heads = 2 if native_gqa else 6
+    assert seen == {"k_heads": heads, "v_heads": heads, "enable_gqa": native_gqa}
 
 
 def test_varlen_attention_gives_the_block_diagonal_sdpa_loss() -> None:
