@@ -16,6 +16,7 @@ runs eagerly, which is what the CPU tests compare with ``generate``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -231,7 +232,8 @@ class GraphedGreedyDecoding:
         )
         self._choose(state, out.logits[:, -1], settings)
 
-    def _forward(self, decoder: PreTrainedModel, **inputs: Any) -> Any:
+    def _forward(self, decoder: PreTrainedModel, cache: StaticCache, **inputs: Any) -> Any:
+        inputs[cache_keyword(decoder)] = cache
         if not self.cast_weights:
             return decoder(**inputs)
         return functional_call(decoder, self.cast_weights, kwargs=inputs, tie_weights=False)
@@ -301,6 +303,15 @@ class GraphedGreedyDecoding:
             )
             return None
         return graph
+
+
+def cache_keyword(decoder: nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` since transformers 5.25 (which
+    still accepts ``past_key_values``, deprecated), ``past_key_values`` before. An unknown name
+    would land in ``**kwargs`` unread, and every step would decode without its past."""
+    return (
+        "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    )
 
 
 def trim_after_end(tokens: Tensor, end_ids: Tensor) -> Tensor:
