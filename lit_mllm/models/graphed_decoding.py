@@ -171,7 +171,7 @@ class GraphedGreedyDecoding:
         positions = positions.masked_fill(prompt_attention_mask == 0, 0)
         out = self._forward(
             decoder,
-            inputs_embeds=prompt_embeds,
+            inputs_embeds=self._hidden(prompt_embeds),
             attention_mask=state.attention_mask,
             position_ids=positions,
             cache=state.cache,
@@ -223,7 +223,7 @@ class GraphedGreedyDecoding:
         state.position.add_(1)
         out = self._forward(
             decoder,
-            input_ids=state.token,
+            inputs_embeds=self._hidden(decoder.get_input_embeddings()(state.token)),
             attention_mask=state.attention_mask,
             position_ids=state.position,
             cache=state.cache,
@@ -231,6 +231,17 @@ class GraphedGreedyDecoding:
             logits_to_keep=1,
         )
         self._choose(state, out.logits[:, -1], settings)
+
+    @staticmethod
+    def _hidden(embeds: Tensor) -> Tensor:
+        """Under CUDA autocast the decoder gets its embeddings in the autocast dtype, in the
+        prefill and in every step: rotary keys then come out in the value states' dtype, which a
+        static cache needs (transformers 5.17 allocates values in the keys' dtype; float32
+        embeddings would give float32 keys beside autocast values and the cache refuses them),
+        and all steps write one dtype. Float32 runs (and the CPU) are unchanged."""
+        if embeds.is_cuda and torch.is_autocast_enabled("cuda"):
+            return embeds.to(torch.get_autocast_dtype("cuda"))
+        return embeds
 
     def _forward(self, decoder: PreTrainedModel, cache: StaticCache, **inputs: Any) -> Any:
         inputs[cache_keyword(decoder)] = cache
