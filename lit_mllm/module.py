@@ -241,13 +241,13 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
         FSDP flattens each unit's parameters into one buffer of one dtype, so a bf16 encoder
         beside fp32 connector weights cannot be wrapped: keep it in float32 there (the compute
         still runs in bf16 under the ``bf16-mixed`` precision)."""
-        from lit_mllm.metrics.caption import check_caption_metrics
-
         self.check_data_agrees(getattr(self.trainer, "datamodule", None))
         validates = stage in ("validate", "test") or (
             stage == "fit" and bool(self.trainer.limit_val_batches)
         )
-        if validates:
+        if validates:  # imported here: training without validation needs no pycocoevalcap
+            from lit_mllm.metrics.caption import check_caption_metrics
+
             self._checked_metrics = check_caption_metrics(self.metric_names)
         encoder = self.model.encoder
         if self._fsdp() and encoder.dtype != torch.float32:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest.importorskip("pycocoevalcap")  # caption metrics; not on every GPU image
+
 from benchmarks.metric_speed.captions import make_predictions, make_references
 from benchmarks.metric_speed.timing import check_equal
 

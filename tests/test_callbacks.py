@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
+
+pytest.importorskip("pycocoevalcap")  # caption metrics; not on every GPU image
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 

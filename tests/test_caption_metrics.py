@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("pycocoevalcap")  # caption metrics; not on every GPU image
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
+
+pytest.importorskip("pycocoevalcap")  # caption metrics; not on every GPU image
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from micro import MICRO_DECODER_CONFIG, MICRO_MODEL

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from micro import needs_caption_metrics
 from test_checkpoints_safe_load import RunsCode
 from test_ddp import micro_config
 
@@ -44,6 +45,7 @@ def fit(config: Path, *extra: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
 
 
+@needs_caption_metrics
 def test_sharded_checkpoint_resumes_exports_and_refuses_a_crafted_copy(tmp_path: Path) -> None:
     from lit_mllm.checkpoints.safe_load import check_checkpoint_path
     from lit_mllm.export import load_checkpoint

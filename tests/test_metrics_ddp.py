@@ -8,8 +8,11 @@ import random
 import socket
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+pytest.importorskip("pycocoevalcap")  # caption metrics; not on every GPU image
 
 from lit_mllm.metrics.caption import CaptionMetrics
 

@@ -217,6 +217,7 @@ def _fit(module: MLLMModule, steps: int, accelerator: str = "cpu", precision: st
         max_steps=steps,
         accelerator=accelerator,
         precision=precision,
+        limit_val_batches=0,  # no validation, so no caption-metric check (no pycocoevalcap)
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

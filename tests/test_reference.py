@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("pycocoevalcap")  # caption metrics; not on every GPU image
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

@@ -7,6 +7,8 @@ import io
 import json
 
 import pytest
+
+pytest.importorskip("pycocoevalcap")  # caption metrics; not on every GPU image
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge

@@ -57,8 +57,10 @@ def _collate(module: MLLMModule, items: list) -> dict:
 
 
 def _quiet_trainer(**settings) -> L.Trainer:
-    """A Trainer that writes nothing: no logger, checkpoints, progress bar or summary."""
+    """A Trainer that writes nothing: no logger, checkpoints, progress bar or summary; and no
+    validation (so no caption-metric check: these tests need no pycocoevalcap)."""
     return L.Trainer(
+        limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
