@@ -6,6 +6,9 @@ the decoder and ``F.cross_entropy`` over all supervised tokens, in float64.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import lightning as L
 import pytest
 import torch
@@ -348,3 +351,21 @@ def test_fp16_overflow_skips_the_step_and_training_goes_on() -> None:
     assert changed[1:] == [False, True, True]  # (step 0 may overflow too at the first scale)
     assert record.scales[1] == record.scales[0] / 2
     assert all(torch.isfinite(t).all() for t in record.weights[-1].values())
+
+
+def test_training_needs_no_caption_metrics_package() -> None:
+    """The module, the trainer-side callbacks and a fit without validation import without
+    pycocoevalcap (a GPU image may lack it); only validation's metrics need it."""
+    code = (
+        "import sys; sys.modules['pycocoevalcap'] = None\n"
+        "import lit_mllm.module, lit_mllm.gradients\n"
+        "from lit_mllm.callbacks import ThroughputMonitor\n"
+        "from lit_mllm.callbacks.throughput import global_grad_norm\n"
+        "try:\n"
+        "    from lit_mllm.callbacks import CaptionReport\n"
+        "except ImportError:\n"
+        "    print('report needs it')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "report needs it"
