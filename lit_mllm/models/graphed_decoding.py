@@ -94,6 +94,7 @@ class _DecodingState:
     ):
         device = decoder.device
         self.cache = StaticCache(config=decoder.config, max_cache_len=cache_len)
+        self.cache_argument = cache_keyword(decoder)  # read once per shape, not per token
         self.attention_mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -174,7 +175,7 @@ class GraphedGreedyDecoding:
             inputs_embeds=self._hidden(prompt_embeds),
             attention_mask=state.attention_mask,
             position_ids=positions,
-            cache=state.cache,
+            state=state,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -226,7 +227,7 @@ class GraphedGreedyDecoding:
             inputs_embeds=self._hidden(decoder.get_input_embeddings()(state.token)),
             attention_mask=state.attention_mask,
             position_ids=state.position,
-            cache=state.cache,
+            state=state,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -243,8 +244,8 @@ class GraphedGreedyDecoding:
             return embeds.to(torch.get_autocast_dtype("cuda"))
         return embeds
 
-    def _forward(self, decoder: PreTrainedModel, cache: StaticCache, **inputs: Any) -> Any:
-        inputs[cache_keyword(decoder)] = cache
+    def _forward(self, decoder: PreTrainedModel, state: _DecodingState, **inputs: Any) -> Any:
+        inputs[state.cache_argument] = state.cache
         if not self.cast_weights:
             return decoder(**inputs)
         return functional_call(decoder, self.cast_weights, kwargs=inputs, tie_weights=False)
