@@ -133,8 +133,6 @@ def test_tiny_run_reports_every_row_with_finite_numbers(tmp_path: Path) -> None:
             assert math.isfinite(_number(row[column])), (label, column, row[column])
         assert _number(row["samples/s"]) > 0 and _number(row["step (ms)"]) > 0
         assert _number(row["sup tok/s"]) < _number(row["real tok/s"])
-        # the head on every token costs more than on the supervised ones only
-        assert _number(row["MFU % (PaLM)"]) > _number(row["MFU %"])
     base, compiled, liger, mlp, res = rows.values()
     # the bar is the faster tuned transformers variant (on a CPU both run eager, no liger)
     best = max((compiled, liger), key=lambda r: _number(r["real tok/s"]))
@@ -178,6 +176,9 @@ def test_tiny_run_reports_every_row_with_finite_numbers(tmp_path: Path) -> None:
         "resampler",
     ]
     assert all(r["steps"] == 2 for r in raw["rows"])
+    # the head on every token costs more than on the supervised ones only: MFU (PaLM) > MFU,
+    # compared unrounded (on a loaded 2-core CPU both print as 0.2 in the table)
+    assert all(r["palm_flops"] > r["flops"] > 0 for r in raw["rows"])
 
 
 def test_runs_as_a_module_from_the_repository_root() -> None:
