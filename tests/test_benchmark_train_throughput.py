@@ -627,3 +627,30 @@ def test_profiled_kernels_fall_into_the_groups_of_the_results_tables() -> None:
     # on a CPU the profile finds no GPU kernel: the summary says so instead of failing
     text = kernel_summary(torch.device("cpu"), lambda: torch.ones(8) @ torch.ones(8), 1, "t", "x")
     assert text.startswith("t: wall ") and "GPU kernels 0.0 ms/x (**GPU busy 0.0 %**" in text
+
+
+def test_caption_profile_lists_the_models_phases_with_their_host_time() -> None:
+    """The model's ``lit_mllm/...`` ranges (embed, prefill, decode_steps) get a table of their
+    own, one line per phase and per-unit counts; other ranges stay out of it."""
+    from torch.profiler import record_function
+
+    from benchmarks.train_throughput.profiling import kernel_summary
+
+    def run() -> None:
+        for _ in range(2):
+            with record_function("lit_mllm/prefill"):
+                torch.ones(64, 64) @ torch.ones(64, 64)
+            with record_function("lit_mllm/decode_steps"):
+                torch.ones(8) + 1
+            with record_function("someone_else"):
+                torch.ones(8) * 2
+
+    text = kernel_summary(torch.device("cpu"), run, 2, "t", "batch")
+    rows = [line for line in text.splitlines() if line.startswith("| lit_mllm/")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| lit_mllm/prefill",
+        "| lit_mllm/decode_steps",
+    ]
+    assert all(row.endswith("| 1 |") for row in rows)  # two calls over two batches
+    assert "| phase (host wall) | ms/batch | calls/batch |" in text
+    assert "someone_else" not in text.split("| phase (host wall)")[1].split("| top kernels")[0]

@@ -102,6 +102,7 @@ def kernel_summary(
     ]
     for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {group} | {us / 1e3 / units:.1f} | {100 * us / max(total, 1):.1f} % |")
+    lines += phase_lines(prof, units, unit)
     lines += ["", f"| top kernels | ms/{unit} | calls/{unit} |", "|---|---|---|"]
     for event in sorted(kernels, key=self_us, reverse=True)[:12]:
         name = event.key if len(event.key) <= 90 else event.key[:87] + "..."
@@ -110,3 +111,18 @@ def kernel_summary(
             f"| `{name}` | {self_us(event) / 1e3 / units:.2f} | {event.count / units:.0f} |"
         )
     return "\n".join(lines)
+
+
+def phase_lines(prof: Any, units: int, unit: str) -> list[str]:
+    """Host wall time of the model's own ``record_function("lit_mllm/...")`` phases (vision
+    tower and splicing, prefill, decoding steps): with the GPU busy share, it says whether a
+    phase waits for the GPU or the GPU waits for it."""
+    phases = [e for e in prof.key_averages() if e.key.startswith("lit_mllm/")]
+    if not phases:
+        return []
+    lines = ["", f"| phase (host wall) | ms/{unit} | calls/{unit} |", "|---|---|---|"]
+    for event in phases:
+        lines.append(
+            f"| {event.key} | {event.cpu_time_total / 1e3 / units:.1f} | {event.count / units:.0f} |"
+        )
+    return lines

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.profiler import record_function
 from transformers import GenerationConfig, PreTrainedModel, StaticCache
 
 log = logging.getLogger(__name__)
@@ -168,26 +169,28 @@ class GraphedGreedyDecoding:
         state.finished.zero_()
         state.tokens.fill_(settings.pad_id)
 
-        positions = prompt_attention_mask.long().cumsum(-1) - 1
-        positions = positions.masked_fill(prompt_attention_mask == 0, 0)
-        out = self._forward(
-            decoder,
-            inputs_embeds=self._hidden(prompt_embeds),
-            attention_mask=state.attention_mask,
-            position_ids=positions,
-            state=state,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        state.position.copy_(positions[:, -1:])
-        self._choose(state, out.logits[:, -1], settings)
-        del out
+        with record_function("lit_mllm/prefill"):  # a profiler's phase; free without one
+            positions = prompt_attention_mask.long().cumsum(-1) - 1
+            positions = positions.masked_fill(prompt_attention_mask == 0, 0)
+            out = self._forward(
+                decoder,
+                inputs_embeds=self._hidden(prompt_embeds),
+                attention_mask=state.attention_mask,
+                position_ids=positions,
+                state=state,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            state.position.copy_(positions[:, -1:])
+            self._choose(state, out.logits[:, -1], settings)
+            del out
         done = 1
-        while done < settings.max_new_tokens:
-            steps = min(self.check_every, settings.max_new_tokens - done)
-            done += self._run_steps(decoder, state, settings, steps)
-            if state.end_ids.numel() and bool(state.finished.all()):
-                break
+        with record_function("lit_mllm/decode_steps"):
+            while done < settings.max_new_tokens:
+                steps = min(self.check_every, settings.max_new_tokens - done)
+                done += self._run_steps(decoder, state, settings, steps)
+                if state.end_ids.numel() and bool(state.finished.all()):
+                    break
         return trim_after_end(state.tokens[:, :done].clone(), state.end_ids)
 
     def _follow_weights(self, decoder: PreTrainedModel) -> None:
