@@ -76,6 +76,14 @@ def test_local_encoder_and_decoder_give_identical_weights_and_outputs(sources, e
     assert torch.equal(logits(module), logits(reference))
 
 
+def test_a_loaded_decoder_keeps_hub_kernels_off(sources) -> None:
+    """transformers >= 5.25 kernelizes a loaded model by default (layers swapped for kernels
+    fetched from the hub on CUDA): the project's decoder keeps its own layers, offline too."""
+    _, encoder_dir, decoder_dir = sources
+    module = from_files(encoder_dir, decoder_dir, train="frozen")
+    assert module.model.decoder.use_kernels is False
+
+
 def test_trainable_only_export_reloads_frozen_parts_from_local_sources(sources, tmp_path) -> None:
     _, encoder_dir, decoder_dir = sources
     module = from_files(encoder_dir, decoder_dir, train="lora")

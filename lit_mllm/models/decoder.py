@@ -26,7 +26,10 @@ def build_decoder(
     """``name_or_path`` wins; otherwise ``config`` (must hold ``model_type``) gives random init.
 
     Offline: a name that is not a local folder is looked up in the HF cache only, and a miss
-    raises FileNotFoundError saying where it looked and how to get the weights.
+    raises FileNotFoundError saying where it looked and how to get the weights. Hub kernels stay
+    off (``use_kernels=False``; transformers >= 5.25 turns them on by default): they would be
+    fetched from the hub for CUDA layers, and the model's kernels are this project's choice
+    (``attn_implementation``, compiled blocks), the same with every transformers version.
     """
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -35,7 +38,7 @@ def build_decoder(
         folder = local_or_cached_folder(name_or_path, "decoder", DECODER_PATTERNS)
         try:
             return AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=dtype, local_files_only=True, **kwargs
+                str(folder), dtype=dtype, local_files_only=True, use_kernels=False, **kwargs
             )
         except OSError as error:  # a folder without weights or config
             raise FileNotFoundError(
