@@ -602,7 +602,7 @@ def test_real_sliced_rows_are_the_resampler_model_with_64_tokens_per_view() -> N
 
 def test_profiled_kernels_fall_into_the_groups_of_the_results_tables() -> None:
     """Kernel names as the H200 profiles listed them (RESULTS.md, round 3)."""
-    from benchmarks.train_throughput.profiling import kernel_group, kernel_summary
+    from benchmarks.train_throughput.profiling import is_annotation, kernel_group, kernel_summary
 
     names = {
         "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NTN": "matmul (GEMM)",
@@ -624,6 +624,9 @@ def test_profiled_kernels_fall_into_the_groups_of_the_results_tables() -> None:
         "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, MeanOps": "other",
     }
     assert {name: kernel_group(name) for name in names} == names
+    annotations = ["ProfilerStep#3", "Optimizer.step#AdamW.step", "lit_mllm/decode_steps"]
+    assert all(is_annotation(name) for name in annotations)
+    assert not any(is_annotation(name) for name in names)
     # on a CPU the profile finds no GPU kernel: the summary says so instead of failing
     text = kernel_summary(torch.device("cpu"), lambda: torch.ones(8) @ torch.ones(8), 1, "t", "x")
     assert text.startswith("t: wall ") and "GPU kernels 0.0 ms/x (**GPU busy 0.0 %**" in text

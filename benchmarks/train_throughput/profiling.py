@@ -24,6 +24,14 @@ KERNEL_GROUPS = (  # (group, name fragments), first match wins; lower-case
 )
 
 
+PHASE_PREFIX = "lit_mllm/"  # the model's record_function ranges
+
+
+def is_annotation(name: str) -> bool:
+    """A user range, not a kernel: the profiler's step marks and the model's phases."""
+    return "#" in name or name.startswith(PHASE_PREFIX)
+
+
 def kernel_group(name: str) -> str:
     """The KERNEL_GROUPS group of a CUDA kernel's name (first match wins), else "other"."""
     lower = name.lower()
@@ -79,10 +87,13 @@ def kernel_summary(
         run()
         sync(device)
         wall_us = (time.perf_counter() - start) * 1e6
-    # GPU-side user annotations ("Optimizer.step#AdamW.step", "ProfilerStep#3") span kernels
-    # that are listed on their own: leave them out so no time is counted twice
+    # GPU-side user annotations ("Optimizer.step#AdamW.step", "ProfilerStep#3", the model's
+    # "lit_mllm/..." phases) span kernels that are listed on their own: leave them out so no
+    # time is counted twice
     kernels = [
-        e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and "#" not in e.key
+        e
+        for e in prof.key_averages()
+        if e.device_type == DeviceType.CUDA and not is_annotation(e.key)
     ]
 
     def self_us(event: Any) -> float:
@@ -117,7 +128,13 @@ def phase_lines(prof: Any, units: int, unit: str) -> list[str]:
     """Host wall time of the model's own ``record_function("lit_mllm/...")`` phases (vision
     tower and splicing, prefill, decoding steps): with the GPU busy share, it says whether a
     phase waits for the GPU or the GPU waits for it."""
-    phases = [e for e in prof.key_averages() if e.key.startswith("lit_mllm/")]
+    from torch.autograd import DeviceType
+
+    phases = [
+        e
+        for e in prof.key_averages()
+        if e.key.startswith(PHASE_PREFIX) and e.device_type == DeviceType.CPU
+    ]
     if not phases:
         return []
     lines = ["", f"| phase (host wall) | ms/{unit} | calls/{unit} |", "|---|---|---|"]
