@@ -68,6 +68,7 @@ class CaptionEvaluation:
         self, batch: dict[str, Any], limit: int | None = None, image_features: Tensor | None = None
     ) -> list[str]:
         """Greedy/beam captions for the batch's generation prompts (the first ``limit`` rows)."""
+        self.model.graphed_decoding.compile_step = self.generation_cfg.compile_step
         return captioning.caption_batch(
             self.model,
             self.tokenizer,

@@ -158,16 +158,26 @@ def _cuda_prompts(module: MLLMModule) -> dict[str, torch.Tensor]:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-step", "compiled-step"])
 def test_cuda_graph_replays_decode_the_eager_steps_tokens_and_follow_weight_updates(
-    tmp_path: Path, bf16: bool
+    tmp_path: Path, bf16: bool, compiled: bool
 ) -> None:
-    """The replayed graph runs the eager step's kernels: the same tokens, also after the
-    weights change in place (a training step between validations), without a new capture."""
+    """The replayed graph runs the eager step's kernels (or their compiled fusion): the same
+    tokens, also after the weights change in place (a training step between validations),
+    without a new capture. Compiled in bf16, fused kernels round differently: tokens may
+    differ at near-ties, so there the share of equal tokens is checked."""
     module = _module(tmp_path).cuda()
     prompts = _cuda_prompts(module)
     config = _config(eos_token_id=None, pad_token_id=module.tokenizer.pad_token_id)
-    eager = GraphedGreedyDecoding(warmup_steps=NEW_TOKENS)  # never captures
-    graphed = GraphedGreedyDecoding(warmup_steps=1)
+    eager = GraphedGreedyDecoding(warmup_steps=NEW_TOKENS, compile_step=False)  # no capture
+    graphed = GraphedGreedyDecoding(warmup_steps=1, compile_step=compiled)
+
+    def same(tokens: torch.Tensor, reference: torch.Tensor) -> bool:
+        if compiled and bf16:
+            agreement = float((tokens == reference).float().mean())
+            print(f"compiled bf16 step: {agreement:.3f} of tokens as the eager step's")
+            return agreement >= 0.9
+        return torch.equal(tokens, reference)
 
     def decode(loop: GraphedGreedyDecoding) -> torch.Tensor:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
@@ -175,7 +185,7 @@ def test_cuda_graph_replays_decode_the_eager_steps_tokens_and_follow_weight_upda
             return loop(module.model.decoder, embeds, prompts["prompt_attention_mask"], config)
 
     before = decode(eager)
-    assert torch.equal(decode(graphed), before)
+    assert same(decode(graphed), before)
     (state,) = graphed.states.values()
     graph = state.graph
     assert graph is not None and not state.capture_failed
@@ -188,7 +198,8 @@ def test_cuda_graph_replays_decode_the_eager_steps_tokens_and_follow_weight_upda
             weight.add_(0.05 * torch.randn_like(weight))
     after = decode(eager)
     assert not torch.equal(after, before)  # the update changes the captions
-    assert torch.equal(decode(graphed), after)
+    assert same(decode(graphed), after)
+    assert (graphed.compiled_step is not None) == compiled
     assert graphed.states[next(iter(graphed.states))].graph is graph  # replayed, not recaptured
 
 
@@ -211,6 +222,23 @@ def test_cuda_graph_captions_agree_with_generate_in_bf16(tmp_path: Path) -> None
     agreement = float((tokens[True] == tokens[False]).float().mean())
     print(f"bf16 token agreement with generate: {agreement:.3f}")
     assert agreement >= 0.9
+
+
+def test_compile_step_setting_reaches_the_decoding_loop_and_survives_a_copy(
+    tmp_path: Path,
+) -> None:
+    """``model.generation.compile_step`` is read at each caption call (as the other generation
+    settings), and an EMA-style deep copy keeps it."""
+    import copy
+
+    module = _module(tmp_path, "cuda_graph")
+    batch = MLLMCollator(module.tokenizer.pad_token_id)(_prompt_items(module))
+    assert module.generation_cfg.compile_step is True
+    module.generation_cfg.compile_step = False
+    with torch.no_grad():
+        module.caption(batch)
+    assert module.model.graphed_decoding.compile_step is False
+    assert copy.deepcopy(module.model.graphed_decoding).compile_step is False
 
 
 def test_weights_moved_or_recast_start_over_and_validation_end_frees_everything(

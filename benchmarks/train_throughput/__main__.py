@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--gen-caches",
         default="dynamic,static,cuda_graph",
         help="lit rows, comma list of model.generation.cache values (dynamic always runs "
-        "first: the others' token agreement is measured against it)",
+        "first: the others' token agreement is measured against it); cuda_graph_eager: "
+        "cuda_graph with compile_step false",
     )
     p.add_argument("--loader-workers", default=None, help="comma list (default: min(8, cores))")
     p.add_argument("--loader-batch-size", type=int, default=None)

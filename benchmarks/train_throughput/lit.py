@@ -122,7 +122,10 @@ class LitTrainee(Trainee):
     ) -> torch.Tensor:
         """Through ``MultimodalLM.generate`` with the cache of ``model.generation.cache``:
         ``static`` (transformers compiles the decoding step on CUDA) or ``cuda_graph``
-        (lit-mllm's loop, one graph replay per token)."""
+        (lit-mllm's loop, one graph replay per token, of the compiled step); the label
+        ``cuda_graph_eager`` is that loop with ``model.generation.compile_step: false``."""
+        graphed = cache.startswith("cuda_graph")
+        self.module.model.graphed_decoding.compile_step = cache != "cuda_graph_eager"
         ids = torch.stack([render(s, self.image_block)[0] for s in samples]).to(self.device)
         attention = self.attention
         self.set_attention("sdpa")  # KV-cache decoding: the stock path (generate runs eager)
@@ -138,7 +141,7 @@ class LitTrainee(Trainee):
                     eos_token_id=None,
                     pad_token_id=self.pad_token_id,
                     cache_implementation=None if cache == "dynamic" else "static",
-                    cuda_graph=cache == "cuda_graph",
+                    cuda_graph=graphed,
                 )
         finally:
             self.module.train()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,12 +116,25 @@ class GraphedGreedyDecoding:
     Keeps the captured graphs of the last ``keep`` shapes (validation's full batches and its
     last, smaller one), keyed also by the weights' addresses and the autocast setting, so a
     moved or re-cast model is captured again instead of replaying stale pointers.
+
+    ``compile_step``: on CUDA the captured step is ``torch.compile``'d first (static shapes),
+    so a replay runs a few fused kernels per layer instead of the eager step's dozens of tiny
+    ones (norms, rotary embedding, casts, cache writes), which set a 1.5B decoder's pace at
+    batch 32. Each new shape compiles once, in its warm-up steps.
     """
 
-    def __init__(self, check_every: int = 8, keep: int = 2, warmup_steps: int = 2) -> None:
+    def __init__(
+        self,
+        check_every: int = 8,
+        keep: int = 2,
+        warmup_steps: int = 2,
+        compile_step: bool = True,
+    ) -> None:
         self.check_every = check_every
         self.keep = keep
         self.warmup_steps = warmup_steps
+        self.compile_step = compile_step
+        self.compiled_step: Callable[..., None] | None = None
         self.states: OrderedDict[tuple, _DecodingState] = OrderedDict()
         # autocast's low-precision copies of the linear layers' float32 weights, refreshed once
         # per call instead of cast at every replayed step (autocast caches casts only within
@@ -130,13 +144,16 @@ class GraphedGreedyDecoding:
 
     def __deepcopy__(self, memo: dict) -> GraphedGreedyDecoding:
         # a copied model (EMA, averaging callbacks) captures its own graphs
-        return GraphedGreedyDecoding(self.check_every, self.keep, self.warmup_steps)
+        return GraphedGreedyDecoding(
+            self.check_every, self.keep, self.warmup_steps, self.compile_step
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {
             "check_every": self.check_every,
             "keep": self.keep,
             "warmup_steps": self.warmup_steps,
+            "compile_step": self.compile_step,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -279,25 +296,46 @@ class GraphedGreedyDecoding:
             return steps
         done = 0
         if state.graph is None:
+            step = self._cuda_step()
             warm = min(self.warmup_steps, steps)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(warm):
-                    self._step(decoder, state, settings)
+                for _ in range(warm):  # compiles on the first one
+                    step(decoder, state, settings)
             torch.cuda.current_stream().wait_stream(side)
             done = warm
             if done == steps:
                 return done
-            state.graph = self._capture(decoder, state, settings)
+            state.graph = self._capture(decoder, state, settings, step)
             if state.graph is None:
                 return done + self._run_steps(decoder, state, settings, steps - done)
         for _ in range(steps - done):
             state.graph.replay()
         return steps
 
+    def _cuda_step(self) -> Callable[..., None]:
+        """The step that warms up and is captured: compiled (``compile_step``) or eager. The
+        caller runs compiled blocks eager (``set_stance("force_eager")``); this step's own
+        compilation is wanted, so it runs under the default stance."""
+        if not self.compile_step:
+            return self._step
+        if self.compiled_step is None:
+            self.compiled_step = torch.compile(self._step, dynamic=False)
+        compiled = self.compiled_step
+
+        def step(*args: Any) -> None:
+            with torch.compiler.set_stance("default"):
+                compiled(*args)
+
+        return step
+
     def _capture(
-        self, decoder: PreTrainedModel, state: _DecodingState, settings: GreedySettings
+        self,
+        decoder: PreTrainedModel,
+        state: _DecodingState,
+        settings: GreedySettings,
+        step: Callable[..., None],
     ) -> torch.cuda.CUDAGraph | None:
         graph = torch.cuda.CUDAGraph()
         try:
@@ -310,7 +348,7 @@ class GraphedGreedyDecoding:
                 torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False),
                 torch.cuda.graph(graph),
             ):
-                self._step(decoder, state, settings)
+                step(decoder, state, settings)
         except Exception as error:  # a step that syncs or allocates on the host cannot be captured
             state.capture_failed = True
             log.warning(
