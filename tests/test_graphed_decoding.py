@@ -237,8 +237,13 @@ def test_compile_step_setting_reaches_the_decoding_loop_and_survives_a_copy(
     module.generation_cfg.compile_step = False
     with torch.no_grad():
         module.caption(batch)
-    assert module.model.graphed_decoding.compile_step is False
-    assert copy.deepcopy(module.model.graphed_decoding).compile_step is False
+    decoding = module.model.graphed_decoding
+    assert decoding.compile_step is False
+    assert copy.deepcopy(decoding).compile_step is False
+    module.generation_cfg.compile_step = True  # a new state: the old graph is not replayed
+    with torch.no_grad():
+        module.caption(batch)
+    assert [key[-1] for key in decoding.states] == [False, True]
 
 
 def test_weights_moved_or_recast_start_over_and_validation_end_frees_everything(

@@ -229,7 +229,8 @@ class GraphedGreedyDecoding:
     def _state(
         self, decoder: PreTrainedModel, batch: int, prompt_len: int, settings: GreedySettings
     ) -> _DecodingState:
-        key = (batch, bucket(prompt_len + settings.max_new_tokens), settings)
+        # compile_step in the key: switching it captures the other step, not the old graph
+        key = (batch, bucket(prompt_len + settings.max_new_tokens), settings, self.compile_step)
         state = self.states.get(key)
         if state is None:
             state = _DecodingState(decoder, batch, key[1], settings)
