@@ -297,28 +297,32 @@ class GraphedGreedyDecoding:
             return steps
         done = 0
         if state.graph is None:
-            step = self._cuda_step()
-            warm = min(self.warmup_steps, steps)
+            # a compiled step warms up twice: a recompile on its second call happens here, not
+            # inside the capture
+            warm = min(max(self.warmup_steps, 2 if self.compile_step else 0), steps)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warm):  # compiles on the first one
-                    step(decoder, state, settings)
+            with torch.cuda.stream(side), capture_autocast():
+                for _ in range(warm):  # a compiled step compiles on the first one
+                    self._cuda_step("default")(decoder, state, settings)
             torch.cuda.current_stream().wait_stream(side)
             done = warm
             if done == steps:
                 return done
-            state.graph = self._capture(decoder, state, settings, step)
+            state.graph = self._capture(decoder, state, settings, self._cuda_step())
             if state.graph is None:
                 return done + self._run_steps(decoder, state, settings, steps - done)
         for _ in range(steps - done):
             state.graph.replay()
         return steps
 
-    def _cuda_step(self) -> Callable[..., None]:
+    def _cuda_step(self, stance: str = "fail_on_recompile") -> Callable[..., None]:
         """The step that warms up and is captured: compiled (``compile_step``) or eager. The
         caller runs compiled blocks eager (``set_stance("force_eager")``); this step's own
-        compilation is wanted, so it runs under the default stance."""
+        compilation is wanted: under ``default`` in the warm-up, and under
+        ``fail_on_recompile`` in the capture, where compiling (inductor runs and benchmarks
+        kernels) would break the capture and the CUDA RNG state with it; the error becomes an
+        uncaptured, eager decoding instead."""
         if not self.compile_step:
             return self._step
         if self.compiled_step is None:
@@ -326,7 +330,7 @@ class GraphedGreedyDecoding:
         compiled = self.compiled_step
 
         def step(*args: Any) -> None:
-            with torch.compiler.set_stance("default"):
+            with torch.compiler.set_stance(stance):
                 compiled(*args)
 
         return step
@@ -340,15 +344,7 @@ class GraphedGreedyDecoding:
     ) -> torch.cuda.CUDAGraph | None:
         graph = torch.cuda.CUDAGraph()
         try:
-            # weights outside ``cast_weights`` that autocast casts (e.g. linear subclasses):
-            # its cast cache would bake this call's copies into the graph; with the cache off
-            # the casts are kernels of the graph and follow weight updates
-            dtype = torch.get_autocast_dtype("cuda")
-            enabled = torch.is_autocast_enabled("cuda")
-            with (
-                torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False),
-                torch.cuda.graph(graph),
-            ):
+            with capture_autocast(), torch.cuda.graph(graph):
                 step(decoder, state, settings)
         except Exception as error:  # a step that syncs or allocates on the host cannot be captured
             state.capture_failed = True
@@ -357,6 +353,20 @@ class GraphedGreedyDecoding:
             )
             return None
         return graph
+
+
+def capture_autocast() -> torch.autocast:
+    """The autocast setting of the warm-up steps and the capture: the caller's, with the cast
+    cache off. Weights outside ``cast_weights`` that autocast casts (e.g. linear subclasses)
+    would otherwise have this call's copies baked into the graph; uncached, the casts are
+    kernels of the graph and follow weight updates. Warm-up and capture share it, so a compiled
+    step's guards hold: a recompile during capture (inductor benchmarks kernels) would fail."""
+    return torch.autocast(
+        "cuda",
+        dtype=torch.get_autocast_dtype("cuda"),
+        enabled=torch.is_autocast_enabled("cuda"),
+        cache_enabled=False,
+    )
 
 
 def cache_keyword(decoder: nn.Module) -> str:
