@@ -109,8 +109,10 @@ class DecodingConfig:
     same tokens every way (tested in float32).
 
     ``compile_step`` (``cuda_graph`` on CUDA): ``torch.compile`` the step before capturing it,
-    so each replay runs fused kernels instead of the eager step's many small ones; every new
-    batch shape compiles once (seconds at 1.5B). ``false`` captures the eager step."""
+    so each replay runs fused kernels instead of the eager step's many small ones (1.5B on an
+    H200: 99 against 94 captions/s with the MLP connector, 181 against 137 with the resampler);
+    the first batch of every new shape pays the compilation. ``false`` captures the eager
+    step."""
 
     max_new_tokens: int = 32
     num_beams: int = 1
