@@ -290,7 +290,8 @@ class GraphedGreedyDecoding:
         self, decoder: PreTrainedModel, state: _DecodingState, settings: GreedySettings, steps: int
     ) -> int:
         """``steps`` tokens: graph replays on CUDA once captured; the first call of a shape runs
-        ``warmup_steps`` eager steps on a side stream (as capture requires), then captures."""
+        ``warmup_steps`` steps (a compiled step: at least two) on a side stream, as capture
+        requires, then captures."""
         if decoder.device.type != "cuda" or state.capture_failed:
             for _ in range(steps):
                 self._step(decoder, state, settings)
