@@ -113,7 +113,7 @@ class DecodingConfig:
     H200: 99 against 94 captions/s with the MLP connector, 181 against 137 with the resampler);
     the first batch of every new shape (batch size, prompt + new tokens rounded up to 64) pays
     the compilation (35-55 s there), and past torch.compile's recompile limit (8 shapes) new
-    shapes decode eagerly, with a warning. Prompts of many lengths (instruction data): set
+    shapes decode uncompiled, with a warning. Prompts of many lengths (instruction data): set
     ``false``, which captures the eager step."""
 
     max_new_tokens: int = 32
