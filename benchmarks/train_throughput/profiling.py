@@ -90,11 +90,8 @@ def kernel_summary(
     # GPU-side user annotations ("Optimizer.step#AdamW.step", "ProfilerStep#3", the model's
     # "lit_mllm/..." phases) span kernels that are listed on their own: leave them out so no
     # time is counted twice
-    kernels = [
-        e
-        for e in prof.key_averages()
-        if e.device_type == DeviceType.CUDA and not is_annotation(e.key)
-    ]
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA and not is_annotation(e.key)]
 
     def self_us(event: Any) -> float:
         return float(getattr(event, "self_device_time_total", 0.0) or 0.0)
@@ -113,7 +110,8 @@ def kernel_summary(
     ]
     for group, us in sorted(groups.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {group} | {us / 1e3 / units:.1f} | {100 * us / max(total, 1):.1f} % |")
-    lines += phase_lines(prof, units, unit)
+    phases = [e for e in averages if e.key.startswith(PHASE_PREFIX)]
+    lines += phase_lines([e for e in phases if e.device_type == DeviceType.CPU], units, unit)
     lines += ["", f"| top kernels | ms/{unit} | calls/{unit} |", "|---|---|---|"]
     for event in sorted(kernels, key=self_us, reverse=True)[:12]:
         name = event.key if len(event.key) <= 90 else event.key[:87] + "..."
@@ -124,17 +122,10 @@ def kernel_summary(
     return "\n".join(lines)
 
 
-def phase_lines(prof: Any, units: int, unit: str) -> list[str]:
-    """Host wall time of the model's own ``record_function("lit_mllm/...")`` phases (vision
-    tower and splicing, prefill, decoding steps): with the GPU busy share, it says whether a
-    phase waits for the GPU or the GPU waits for it."""
-    from torch.autograd import DeviceType
-
-    phases = [
-        e
-        for e in prof.key_averages()
-        if e.key.startswith(PHASE_PREFIX) and e.device_type == DeviceType.CPU
-    ]
+def phase_lines(phases: list[Any], units: int, unit: str) -> list[str]:
+    """Host wall time of the model's own ``record_function("lit_mllm/...")`` phases (their CPU
+    events: vision tower and splicing, prefill, decoding steps): with the GPU busy share, it
+    says whether a phase waits for the GPU or the GPU waits for it."""
     if not phases:
         return []
     lines = ["", f"| phase (host wall) | ms/{unit} | calls/{unit} |", "|---|---|---|"]

@@ -303,21 +303,23 @@ class GraphedGreedyDecoding:
             warm = min(max(self.warmup_steps, 2 if self.compile_step else 0), steps)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
+            warm_step = self._cuda_step("default")  # a compiled step compiles on its first call
             with torch.cuda.stream(side), capture_autocast():
-                for _ in range(warm):  # a compiled step compiles on the first one
-                    self._cuda_step("default")(decoder, state, settings)
+                for _ in range(warm):
+                    warm_step(decoder, state, settings)
             torch.cuda.current_stream().wait_stream(side)
             done = warm
             if done == steps:
                 return done
-            state.graph = self._capture(decoder, state, settings, self._cuda_step())
+            capture_step = self._cuda_step("fail_on_recompile")
+            state.graph = self._capture(decoder, state, settings, capture_step)
             if state.graph is None:
                 return done + self._run_steps(decoder, state, settings, steps - done)
         for _ in range(steps - done):
             state.graph.replay()
         return steps
 
-    def _cuda_step(self, stance: str = "fail_on_recompile") -> Callable[..., None]:
+    def _cuda_step(self, stance: str) -> Callable[..., None]:
         """The step that warms up and is captured: compiled (``compile_step``) or eager. The
         caller runs compiled blocks eager (``set_stance("force_eager")``); this step's own
         compilation is wanted: under ``default`` in the warm-up, and under
