@@ -62,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-budget-gb", type=float, default=None, help="default: the whole GPU")
     p.add_argument("--probe-steps", type=int, default=None, help="timed steps per probe (3)")
     p.add_argument("--probe-warmup", type=int, default=None, help="warm-up steps per probe (2)")
-    p.add_argument("--lit-attn", default="auto", choices=["auto", "sdpa", "varlen"])
+    p.add_argument(
+        "--lit-attn",
+        default="auto",
+        choices=["auto", "sdpa", "varlen", "varlen-fa4"],
+        help="lit rows' attention (varlen-fa4: attn_implementation lit_varlen_fa4, "
+        "FlashAttention-4; auto probes sdpa and varlen)",
+    )
     p.add_argument(
         "--best-attn", default="auto", choices=["auto", "sdpa", "flex_attention"]
     )  # the best-transformers row's attention (auto: the faster of the two)

@@ -13,7 +13,7 @@ from benchmarks.train_throughput.trainee import Trainee, autocast
 from lit_mllm.data.collate import pack
 from lit_mllm.data.slicing import ImageSlicing
 from lit_mllm.flops import spec_from_model
-from lit_mllm.models.attention import VARLEN_ATTENTION
+from lit_mllm.models.attention import VARLEN_ATTENTION, VARLEN_FA4_ATTENTION
 from lit_mllm.models.token_layout import TokenLayout
 
 
@@ -70,8 +70,9 @@ class LitTrainee(Trainee):
         self.vocab_size = int(model.decoder.get_input_embeddings().weight.shape[0])
 
     def set_attention(self, name: str) -> None:
-        """``sdpa`` (transformers' block-diagonal mask), ``varlen`` or ``flash_attention_2``."""
-        impl = VARLEN_ATTENTION if name == "varlen" else name
+        """``sdpa`` (transformers' block-diagonal mask), ``varlen``, ``varlen-fa4`` or
+        ``flash_attention_2``."""
+        impl = {"varlen": VARLEN_ATTENTION, "varlen-fa4": VARLEN_FA4_ATTENTION}.get(name, name)
         self.module.model.decoder.set_attn_implementation(impl)
         self.attention = name
 

@@ -8,8 +8,10 @@ import os
 import platform
 
 import torch
+from transformers.utils import is_flash_attn_2_available
 
 from benchmarks.train_throughput.sizes import Sizes, is_sliced
+from lit_mllm.models.fa4_varlen import fa4_installed
 
 
 def versions() -> str:
@@ -17,13 +19,14 @@ def versions() -> str:
     import timm
     import transformers
 
-    flash = importlib.util.find_spec("flash_attn") is not None
+    flash = is_flash_attn_2_available()
     varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
     return (
         f"python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, timm {timm.__version__}, flash-attn "
         f"{'installed' if flash else 'not installed'}, torch varlen_attn "
-        f"{'available' if varlen else 'absent'}"
+        f"{'available' if varlen else 'absent'}, flash-attn-4 "
+        f"{'installed' if fa4_installed() else 'not installed'}"
     )
 
 
@@ -89,7 +92,9 @@ def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) ->
         "varlen kernel (torch.nn.attention.varlen.varlen_attn) registered as a transformers "
         "attention function by this script; 'flash_attention_2' only when flash-attn is "
         "installed. Compile = torch.compile of every decoder layer (dynamic shapes) and encoder "
-        "block; kept only when it wins the probe by more than 2 %.",
+        "block; kept only when it wins the probe by more than 2 %. 'varlen-fa4' = the same "
+        "packed path with FlashAttention-4's varlen kernels (flash-attn-4, CuTe DSL; "
+        "attn_implementation lit_varlen_fa4).",
         "MFU = model FLOPs per step / step time / peak dense bf16 FLOP/s of the device "
         "(lit_mllm.flops): per image encoder forward only 2*N_enc*T + 4*L_enc*D_enc*T^2 "
         "(T = patches + CLS); connector 6*N_conn*P (+ 12*Q*P*D for the resampler); decoder "

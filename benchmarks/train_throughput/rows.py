@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils import is_flash_attn_2_available
 
 from benchmarks.train_throughput.baseline import BaselineTrainee
 from benchmarks.train_throughput.best_transformers import BestTransformersTrainee
@@ -28,6 +28,7 @@ from benchmarks.train_throughput.sliced import SlicedLitTrainee
 from benchmarks.train_throughput.stream import SampleStream
 from benchmarks.train_throughput.trainee import Trainee
 from lit_mllm.models.attention import varlen_available
+from lit_mllm.models.fa4_varlen import fa4_problem
 
 
 @dataclass
@@ -80,7 +81,9 @@ def attention_candidates(trainee: Trainee, args: argparse.Namespace) -> list[str
     names = ["sdpa"]
     if varlen_available(device):
         names.append("varlen")
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if device.type == "cuda" and fa4_problem(device) is None:
+        names.append("varlen-fa4")
+    if device.type == "cuda" and is_flash_attn_2_available():
         names.append("flash_attention_2")
     return names if args.lit_attn == "auto" else [args.lit_attn]
 

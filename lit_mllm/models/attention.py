@@ -28,7 +28,11 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from lit_mllm.models.fa4_varlen import fa4_varlen
+
 VARLEN_ATTENTION = "lit_varlen"
+VARLEN_FA4_ATTENTION = "lit_varlen_fa4"  # the same with FlashAttention-4's kernels (fa4_varlen)
+VARLEN_ATTENTIONS = (VARLEN_ATTENTION, VARLEN_FA4_ATTENTION)
 _SEGMENTS: list[Any] = [None, None]  # (position_ids object, (cu_seqlens, max_len))
 
 
@@ -201,8 +205,9 @@ def _packed_attention(
     scaling: float | None,
     cu: torch.Tensor | None,
     max_len: int | None,
+    fa4: bool = False,
 ) -> torch.Tensor:
-    """A packed row through the varlen kernel. On CUDA a compiled decoder layer traces it, so
+    """A packed row through the varlen kernel (FlashAttention-4's with ``fa4``). On CUDA a compiled decoder layer traces it, so
     the layer stays one graph and the (1, H, T, D) -> (T, H, D) copies fuse into the kernels
     that make q, k and v (measured: 493 -> 474 ms per 1.5B step on an H200)."""
     if cu is None:  # not handed over by the model (its TokenLayout): found here, one sync
@@ -212,7 +217,10 @@ def _packed_attention(
     if query.is_cuda and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
-    if varlen_available(q.device) and dtype in (torch.bfloat16, torch.float16):
+    half = dtype in (torch.bfloat16, torch.float16)
+    if fa4 and q.is_cuda and half:
+        out = fa4_varlen(q, k, v, cu, max_len, scale)
+    elif varlen_available(q.device) and half:
         out = flash_varlen(q, k, v, cu, max_len, scale)
     else:
         out = _reference_outside_graph(q, k, v, cu, max_len, scale)
@@ -236,6 +244,7 @@ def varlen_attention_forward(
     else (padding masks, KV-cache decoding) goes to the stock SDPA function, traceable, so a
     compiled decoding step (static cache) stays one graph.
     """
+    fa4 = kwargs.pop("fa4", False)
     position_ids = kwargs.get("position_ids")
     packed = (
         attention_mask is None
@@ -248,7 +257,20 @@ def varlen_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    return _packed_attention(query, key, value, position_ids, scaling, cu, max_len), None
+    return _packed_attention(query, key, value, position_ids, scaling, cu, max_len, fa4), None
+
+
+def varlen_fa4_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``lit_varlen_fa4``: ``varlen_attention_forward`` with FlashAttention-4 on CUDA (the
+    model checks first that it is installed: ``MultimodalLM.check_attention_kernels``)."""
+    return varlen_attention_forward(module, query, key, value, attention_mask, fa4=True, **kwargs)
 
 
 def varlen_mask(
@@ -287,3 +309,5 @@ def varlen_mask(
 
 AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
 AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
+AttentionInterface.register(VARLEN_FA4_ATTENTION, varlen_fa4_attention_forward)
+AttentionMaskInterface.register(VARLEN_FA4_ATTENTION, varlen_mask)

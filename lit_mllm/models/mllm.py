@@ -12,7 +12,9 @@ from torch.profiler import record_function
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.integrations.fsdp import is_fsdp_managed_module
 
-from lit_mllm.models.attention import VARLEN_ATTENTION
+from lit_mllm.errors import UsageError
+from lit_mllm.models.attention import VARLEN_ATTENTIONS, VARLEN_FA4_ATTENTION
+from lit_mllm.models.fa4_varlen import fa4_problem
 from lit_mllm.models.graphed_decoding import GraphedGreedyDecoding
 from lit_mllm.models.token_layout import TokenLayout, image_slot_positions
 from lit_mllm.models.views import ImageViews
@@ -64,6 +66,7 @@ class MultimodalLM(nn.Module):
         self.num_image_tokens = num_image_tokens
         self.loss_chunk_size = loss_chunk_size
         self.blocks_compiled = False
+        self._kernels_checked: set[tuple[torch.device, str | None]] = set()
         self.graphed_decoding = GraphedGreedyDecoding()  # captured decoding steps, per shape
 
     def compile_blocks(self) -> None:
@@ -189,6 +192,7 @@ class MultimodalLM(nn.Module):
         layout: TokenLayout | None = None,
     ) -> Tensor:
         base = self.decoder.get_decoder()
+        self.check_attention_kernels(inputs_embeds.device)
         segments = {}
         packed = layout is not None and layout.cu_seqlens is not None
         if attention_mask is None and packed and self._segments_skip_the_mask():
@@ -221,7 +225,19 @@ class MultimodalLM(nn.Module):
         config = self.decoder.get_decoder().config
         return getattr(
             config, "_attn_implementation", None
-        ) == VARLEN_ATTENTION and self._layer_types() == {"full_attention"}
+        ) in VARLEN_ATTENTIONS and self._layer_types() == {"full_attention"}
+
+    def check_attention_kernels(self, device: torch.device) -> None:
+        """``lit_varlen_fa4`` on a GPU needs FlashAttention-4: a missing package or an older GPU
+        is one clear error at the first forward, not a failure inside a compiled layer."""
+        name = getattr(self.decoder.get_decoder().config, "_attn_implementation", None)
+        if device.type != "cuda" or (device, name) in self._kernels_checked:
+            return
+        if name == VARLEN_FA4_ATTENTION:
+            problem = fa4_problem(device)
+            if problem is not None:
+                raise UsageError(f"decoder.attn_implementation {VARLEN_FA4_ATTENTION}: {problem}")
+        self._kernels_checked.add((device, name))
 
     def forward(
         self,
