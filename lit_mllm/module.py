@@ -40,6 +40,7 @@ from lit_mllm.config import (
 )
 from lit_mllm.data.slicing import ImageSlicing
 from lit_mllm.data.tokenizer import load_tokenizer
+from lit_mllm.errors import UsageError
 from lit_mllm.evaluation import CaptionEvaluation
 from lit_mllm.gradients import LOSS_SUM_SCALE, TokenMeanWindow, clip_gradients, zero_loss
 from lit_mllm.models.build import build_model
@@ -78,9 +79,13 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
         init_from_strict: bool = True,
         compile_blocks: Literal["auto", "on", "off"] = "auto",
         image_slicing: ImageSlicing | None = None,
+        residual_dtype: Literal["float32", "autocast"] = "float32",
     ) -> None:
         """``image_slicing``: the model reads images as a thumbnail + slices (the CLI links it
-        from ``data.image_slicing``, so it is set there); it is stored with the weights."""
+        from ``data.image_slicing``, so it is set there); it is stored with the weights.
+
+        ``residual_dtype: autocast`` keeps the decoder's residual stream in bf16 under
+        ``bf16-mixed`` (less memory traffic; float32 is the default, as transformers does)."""
         super().__init__()
         self.settings = resolve_model_settings(preset, tokenizer, encoder, connector, decoder)
         self.image_slicing: ImageSlicing | None = section(ImageSlicing, image_slicing)
@@ -120,6 +125,11 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
         self.save_frozen = save_frozen
         self.predictions_path = predictions_path
         self.compile_blocks_mode = compile_blocks
+        if residual_dtype not in ("float32", "autocast"):
+            raise UsageError(
+                f"model.residual_dtype: {residual_dtype!r} is neither 'float32' nor 'autocast'"
+            )
+        self.model.autocast_residual = residual_dtype == "autocast"
         self.max_consecutive_skips = max_consecutive_skips
         self.init_from_strict = init_from_strict
         self.caption_metrics = None  # built in setup/first use: Java is only needed to validate
@@ -242,6 +252,11 @@ class MLLMModule(CaptionEvaluation, L.LightningModule):
         beside fp32 connector weights cannot be wrapped: keep it in float32 there (the compute
         still runs in bf16 under the ``bf16-mixed`` precision)."""
         self.check_data_agrees(getattr(self.trainer, "datamodule", None))
+        if self.model.autocast_residual and str(self.trainer.precision).startswith("16"):
+            raise UsageError(
+                "model.residual_dtype: autocast keeps the residual stream in float16 under "
+                f"precision {self.trainer.precision}, where it overflows: use bf16-mixed"
+            )
         validates = stage in ("validate", "test") or (
             stage == "fit" and bool(self.trainer.limit_val_batches)
         )

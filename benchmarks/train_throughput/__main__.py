@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="lit rows: the collator's TokenLayout (a forward without host syncs)",
     )
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    p.add_argument(
+        "--residual-dtype",
+        default="float32",
+        choices=["float32", "autocast"],
+        help="lit rows: the decoder's residual stream dtype (model.residual_dtype)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device peak")
     p.add_argument("--gen-batch-size", type=int, default=None, help="captions per batch (32)")
     p.add_argument("--gen-batches", type=int, default=None, help="timed batches (3; 0 = skip)")

@@ -35,6 +35,7 @@ class LitTrainee(Trainee):
         from lit_mllm.module import MLLMModule
 
         self.row = connector
+        self.residual_dtype = "float32"
         self.layout = layout
         self.connector = connector
         encoder = {
@@ -75,6 +76,11 @@ class LitTrainee(Trainee):
         impl = {"varlen": VARLEN_ATTENTION, "varlen-fa4": VARLEN_FA4_ATTENTION}.get(name, name)
         self.module.model.decoder.set_attn_implementation(impl)
         self.attention = name
+
+    def set_residual_dtype(self, name: str) -> None:
+        """``float32`` (the default) or ``autocast``: ``model.residual_dtype``."""
+        self.module.model.autocast_residual = name == "autocast"
+        self.residual_dtype = name
 
     def set_compiled(self, on: bool) -> None:
         """Regional compilation, as `lit-mllm fit` does on CUDA (`model.compile_blocks`, once);

@@ -86,7 +86,12 @@ def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) ->
             else "positions found on the device (--lit-layout off), "
         )
         + f"chunked loss on supervised positions only, frozen encoder in {'bf16' if cuda else 'fp32'} "
-        f"weights under no_grad, trainable weights fp32 under {precision}.",
+        f"weights under no_grad, trainable weights fp32 under {precision}, residual stream "
+        + (
+            "in the autocast dtype (--residual-dtype autocast)."
+            if args.residual_dtype == "autocast"
+            else "in float32."
+        ),
         "Attention for packed rows: 'sdpa' = transformers' block-diagonal mask from position_ids "
         "(dense SDPA over the whole packed row); 'varlen' = PyTorch's built-in flash-attention "
         "varlen kernel (torch.nn.attention.varlen.varlen_attn) registered as a transformers "

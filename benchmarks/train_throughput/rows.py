@@ -204,6 +204,8 @@ def run_row(
     report = RowReport(final=None)
     try:
         trainee = make_trainee(row, decoder, sizes, device, layout=args.lit_layout == "on")
+        if isinstance(trainee, LitTrainee):
+            trainee.set_residual_dtype(args.residual_dtype)
         batch_sizes = args.batch_sizes[row]
         if isinstance(trainee, LitTrainee | BestTransformersTrainee):
             report.probes += choose_config(trainee, stream, args, choices, min(batch_sizes), budget)

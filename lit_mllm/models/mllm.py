@@ -46,6 +46,18 @@ def ranks_must_match() -> bool:
     )
 
 
+def in_autocast_dtype(hidden: Tensor) -> Tensor:
+    """``hidden`` in the autocast dtype when autocast is on for its device, else unchanged.
+
+    The decoder layers' residual adds then run in that dtype (bf16 + bf16, as in bf16-true
+    training); the norms still compute in float32 and feed linear layers that autocast casts
+    anyway. RoPE's cos/sin tables follow the hidden dtype too."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden
+    return hidden.to(torch.get_autocast_dtype(device))
+
+
 class MultimodalLM(nn.Module):
     """The model proper; the LightningModule adds optimisation, logging and metrics."""
 
@@ -66,6 +78,9 @@ class MultimodalLM(nn.Module):
         self.num_image_tokens = num_image_tokens
         self.loss_chunk_size = loss_chunk_size
         self.blocks_compiled = False
+        # the decoder's residual stream in the autocast dtype (bf16) instead of the embeddings'
+        # float32: half the bytes for the norms, residual adds and their gradients
+        self.autocast_residual = False
         self._kernels_checked: set[tuple[torch.device, str | None]] = set()
         self.graphed_decoding = GraphedGreedyDecoding()  # captured decoding steps, per shape
 
@@ -193,6 +208,8 @@ class MultimodalLM(nn.Module):
     ) -> Tensor:
         base = self.decoder.get_decoder()
         self.check_attention_kernels(inputs_embeds.device)
+        if self.autocast_residual:
+            inputs_embeds = in_autocast_dtype(inputs_embeds)
         segments = {}
         packed = layout is not None and layout.cu_seqlens is not None
         if attention_mask is None and packed and self._segments_skip_the_mask():
