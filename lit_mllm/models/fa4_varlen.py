@@ -12,6 +12,7 @@ one FA4 release's signatures, and these ops call FA4's kernels the same way on a
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from types import ModuleType
@@ -48,7 +49,9 @@ def fa4_problem(device: torch.device) -> str | None:
     return None
 
 
+@functools.cache
 def _kernels(device: torch.device) -> ModuleType:
+    """FA4's interface module once checked for ``device`` (cached: called for every layer)."""
     problem = fa4_problem(device)
     if problem is not None:
         raise UsageError(f"attn_implementation lit_varlen_fa4: {problem}")
