@@ -1,6 +1,7 @@
 """``attn_implementation: lit_varlen_fa4``: packed rows through FlashAttention-4. CPU tests check
 the errors a user sees and the CPU path; GPU tests (``pytest -m gpu``) check FA4 against the
-built-in varlen kernel where flash-attn-4 is installed on a Hopper/Blackwell GPU."""
+built-in varlen kernel where flash-attn-4 is installed on a Hopper/Blackwell GPU (its fullgraph
+compile: ``test_gpu.py::test_packed_attention_compiles_into_one_graph_with_the_eager_values``)."""
 
 from __future__ import annotations
 
@@ -88,36 +89,6 @@ def test_fa4_matches_the_builtin_varlen_kernel_on_packed_segments() -> None:
     for name, a, b in zip(("out", "dq", "dk", "dv"), builtin, fa4, strict=True):
         error = float((b.float() - a.float()).norm() / a.float().norm())
         assert error < 2e-2, (name, error)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not FA4_READY, reason="needs a Hopper/Blackwell GPU with flash-attn-4")
-def test_fa4_compiles_into_one_graph_for_rows_of_any_length() -> None:
-    """The lit_varlen_fa4 attention function under fullgraph compile (no graph break: the
-    custom ops' fake versions give the shapes), dynamic over two rows of different lengths,
-    gives the eager outputs and gradients."""
-
-    def packed(q, k, v, position_ids, cu, max_len):
-        out, _ = attention.varlen_fa4_attention_forward(
-            None, q, k, v, None, position_ids=position_ids, cu_seq_lens_q=cu, max_length_q=max_len
-        )
-        return out
-
-    compiled = torch.compile(packed, fullgraph=True, dynamic=True)
-    for lengths in ([5, 130, 64], [200, 3, 77, 90]):
-        cu = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
-        total = sum(lengths)
-        position_ids = torch.cat([torch.arange(n) for n in lengths]).cuda()[None]
-        shapes = [(1, 4, total, 64), (1, 2, total, 64), (1, 2, total, 64)]
-        inputs = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes]
-        results = []
-        for fn in (packed, compiled):
-            leaves = [t.clone().requires_grad_() for t in inputs]
-            out = fn(*leaves, position_ids, cu, max(lengths))
-            out.float().square().sum().backward()
-            results.append([out, *(t.grad for t in leaves)])
-        for eager, traced in zip(*results, strict=True):
-            torch.testing.assert_close(traced, eager, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu

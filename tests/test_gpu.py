@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fa4_varlen import FA4_READY
 from test_model import MICRO_DECODER, _fit, make_batch, micro_module
 
 from lit_mllm.models import attention
@@ -56,12 +57,24 @@ def test_varlen_kernel_trains_like_sdpa_on_packed_rows() -> None:
     assert float((grads_b - grads_a).norm() / grads_a.norm()) < 0.05
 
 
-def test_packed_attention_compiles_into_one_graph_with_the_eager_values() -> None:
-    """The varlen path inside a compiled layer makes no graph break (fullgraph) and gives the
-    eager outputs and gradients, for two rows of different lengths (dynamic shapes)."""
+@pytest.mark.parametrize(
+    "attention_forward",
+    [
+        attention.varlen_attention_forward,
+        pytest.param(
+            attention.varlen_fa4_attention_forward,
+            marks=pytest.mark.skipif(not FA4_READY, reason="needs flash-attn-4 on sm90/sm100"),
+            id="fa4",
+        ),
+    ],
+)
+def test_packed_attention_compiles_into_one_graph_with_the_eager_values(attention_forward) -> None:
+    """The varlen path (built-in FA2, or FA4's custom ops through their fake shapes) inside a
+    compiled layer makes no graph break (fullgraph) and gives the eager outputs and gradients,
+    for two rows of different lengths (dynamic shapes)."""
 
     def packed(q, k, v, position_ids, cu, max_len):
-        out, _ = attention.varlen_attention_forward(
+        out, _ = attention_forward(
             None, q, k, v, None, position_ids=position_ids, cu_seq_lens_q=cu, max_length_q=max_len
         )
         return out

@@ -58,23 +58,25 @@ def _kernels(device: torch.device) -> ModuleType:
     return importlib.import_module(FA4_MODULE)
 
 
+def _causal_segments(cu: Tensor, max_len: int, scale: float) -> dict:
+    """FA4's arguments for causal attention within each segment of a packed row."""
+    return {
+        "cu_seqlens_q": cu,
+        "cu_seqlens_k": cu,
+        "max_seqlen_q": max_len,
+        "max_seqlen_k": max_len,
+        "softmax_scale": scale,
+        "causal": True,
+    }
+
+
 @torch.library.custom_op("lit_mllm::fa4_varlen_fwd", mutates_args=())
 def fa4_varlen_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float
 ) -> tuple[Tensor, Tensor]:
     """Causal attention over the segments ``cu`` of (T, H, D) rows: output and log-sum-exp."""
-    out, lse, *_ = _kernels(q.device)._flash_attn_fwd(
-        q,
-        k,
-        v,
-        cu_seqlens_q=cu,
-        cu_seqlens_k=cu,
-        max_seqlen_q=max_len,
-        max_seqlen_k=max_len,
-        softmax_scale=scale,
-        causal=True,
-        return_lse=True,
-    )
+    fwd = _kernels(q.device)._flash_attn_fwd
+    out, lse, *_ = fwd(q, k, v, return_lse=True, **_causal_segments(cu, max_len, scale))
     return out, lse
 
 
@@ -95,20 +97,8 @@ def fa4_varlen_bwd(
     max_len: int,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _kernels(q.device)._flash_attn_bwd(
-        q,
-        k,
-        v,
-        out,
-        grad_out,
-        lse,
-        softmax_scale=scale,
-        causal=True,
-        cu_seqlens_q=cu,
-        cu_seqlens_k=cu,
-        max_seqlen_q=max_len,
-        max_seqlen_k=max_len,
-    )[:3]
+    bwd = _kernels(q.device)._flash_attn_bwd
+    dq, dk, dv = bwd(q, k, v, out, grad_out, lse, **_causal_segments(cu, max_len, scale))[:3]
     return dq, dk, dv
 
 
