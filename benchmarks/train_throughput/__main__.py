@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "sdpa", "varlen", "varlen-fa4"],
         help="lit rows' attention (varlen-fa4: attn_implementation lit_varlen_fa4, "
-        "FlashAttention-4; auto probes sdpa and varlen)",
+        "FlashAttention-4; auto probes sdpa, varlen and, where it can run, varlen-fa4)",
     )
     p.add_argument(
         "--best-attn", default="auto", choices=["auto", "sdpa", "flex_attention"]

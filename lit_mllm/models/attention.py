@@ -12,6 +12,9 @@ without a mask function, so left-padded generation prompts would attend to their
 ``varlen_mask`` builds SDPA's mask whenever there is padding (or a cache, a sliding window, a
 custom mask) and returns ``None`` only for a single unpadded row, the case the varlen kernel
 handles from the position ids.
+
+``attn_implementation: lit_varlen_fa4`` is the same path with FlashAttention-4's varlen kernels
+on CUDA (``lit_mllm.models.fa4_varlen``; Hopper/Blackwell, the flash-attn-4 package).
 """
 
 from __future__ import annotations
@@ -207,9 +210,10 @@ def _packed_attention(
     max_len: int | None,
     fa4: bool = False,
 ) -> torch.Tensor:
-    """A packed row through the varlen kernel (FlashAttention-4's with ``fa4``). On CUDA a compiled decoder layer traces it, so
-    the layer stays one graph and the (1, H, T, D) -> (T, H, D) copies fuse into the kernels
-    that make q, k and v (measured: 493 -> 474 ms per 1.5B step on an H200)."""
+    """A packed row through the varlen kernel (FlashAttention-4's with ``fa4``). On CUDA a
+    compiled decoder layer traces it, so the layer stays one graph and the (1, H, T, D) ->
+    (T, H, D) copies fuse into the kernels that make q, k and v (measured: 493 -> 474 ms per
+    1.5B step on an H200)."""
     if cu is None:  # not handed over by the model (its TokenLayout): found here, one sync
         cu, max_len = _segments_outside_graph(position_ids)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
