@@ -110,3 +110,19 @@ def test_compiled_layers_with_fa4_train_like_lit_varlen() -> None:
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-2, atol=1e-2)
     assert float((grads_b - grads_a).norm() / grads_a.norm()) < 0.05
+
+
+def test_the_custom_ops_trace_into_one_graph_with_their_fake_shapes() -> None:
+    """AOT autograd traces forward and backward through the ops' fake versions (fullgraph, no
+    break); running the graph on a CPU then stops at the kernel call with the one-line error."""
+    lengths = [3, 5]
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+
+    def loss(q, k, v):
+        return fa4_varlen.fa4_varlen(q, k, v, cu, max(lengths), 0.25).float().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    q = torch.randn(8, 4, 16, dtype=torch.bfloat16, requires_grad=True)
+    kv = [torch.randn(8, 2, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    with pytest.raises(UsageError, match="lit_varlen_fa4: FlashAttention-4 runs on CUDA GPUs only"):
+        compiled(q, *kv)
