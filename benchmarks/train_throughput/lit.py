@@ -35,7 +35,6 @@ class LitTrainee(Trainee):
         from lit_mllm.module import MLLMModule
 
         self.row = connector
-        self.residual_dtype = "float32"
         self.layout = layout
         self.connector = connector
         encoder = {
@@ -80,7 +79,6 @@ class LitTrainee(Trainee):
     def set_residual_dtype(self, name: str) -> None:
         """``float32`` (the default) or ``autocast``: ``model.residual_dtype``."""
         self.module.model.autocast_residual = name == "autocast"
-        self.residual_dtype = name
 
     def set_compiled(self, on: bool) -> None:
         """Regional compilation, as `lit-mllm fit` does on CUDA (`model.compile_blocks`, once);

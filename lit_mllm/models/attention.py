@@ -239,16 +239,17 @@ def varlen_attention_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    fa4: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """A transformers attention function: packed rows (no mask, one row) -> varlen kernel.
 
-    Registered under ``lit_varlen``. ``varlen_mask`` leaves the mask out only for one unpadded
-    row, so packed rows arrive with ``attention_mask=None`` and their ``position_ids``; anything
-    else (padding masks, KV-cache decoding) goes to the stock SDPA function, traceable, so a
-    compiled decoding step (static cache) stays one graph.
+    Registered under ``lit_varlen`` (and, with ``fa4``: FlashAttention-4 on CUDA, under
+    ``lit_varlen_fa4``). ``varlen_mask`` leaves the mask out only for one unpadded row, so packed
+    rows arrive with ``attention_mask=None`` and their ``position_ids``; anything else (padding
+    masks, KV-cache decoding) goes to the stock SDPA function, traceable, so a compiled decoding
+    step (static cache) stays one graph.
     """
-    fa4 = kwargs.pop("fa4", False)
     position_ids = kwargs.get("position_ids")
     packed = (
         attention_mask is None
