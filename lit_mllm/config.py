@@ -64,7 +64,9 @@ class ConnectorConfig:
 @dataclass
 class DecoderConfig:
     """``name_or_path`` (a local folder or a hub id in the HF cache) or ``config`` (a
-    transformers config dict with ``model_type``) for random init; ``train`` says what learns."""
+    transformers config dict with ``model_type``) for random init; ``train`` says what learns.
+    ``mlp_kernel: quack``: SwiGLU MLPs on quack's GEMMs with the activation in their epilogues
+    (Hopper/Blackwell; ``lit_mllm.models.fused_mlp``)."""
 
     name_or_path: str | None = None
     config: dict[str, Any] | None = None
@@ -78,6 +80,7 @@ class DecoderConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
+    mlp_kernel: Literal["transformers", "quack"] = "transformers"
 
 
 @dataclass

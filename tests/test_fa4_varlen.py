@@ -44,8 +44,8 @@ def test_the_model_refuses_fa4_on_a_gpu_without_it_before_any_layer_runs(monkeyp
     monkeypatch.setattr(fa4_varlen, "fa4_installed", lambda: False)
     module = micro_module(decoder=VARLEN_FA4)
     with pytest.raises(UsageError, match="decoder.attn_implementation lit_varlen_fa4: Flash"):
-        module.model.check_attention_kernels(torch.device("cuda"))
-    micro_module(decoder=VARLEN).model.check_attention_kernels(torch.device("cuda"))  # no FA4
+        module.model.check_kernels(torch.device("cuda"))
+    micro_module(decoder=VARLEN).model.check_kernels(torch.device("cuda"))  # no FA4
 
 
 def test_on_a_cpu_it_trains_like_lit_varlen() -> None:

@@ -274,7 +274,7 @@ def varlen_fa4_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """``lit_varlen_fa4``: ``varlen_attention_forward`` with FlashAttention-4 on CUDA (the
-    model checks first that it is installed: ``MultimodalLM.check_attention_kernels``)."""
+    model checks first that it is installed: ``MultimodalLM.check_kernels``)."""
     return varlen_attention_forward(module, query, key, value, attention_mask, fa4=True, **kwargs)
 
 

@@ -14,6 +14,7 @@ from lit_mllm.config import DecoderConfig, ModelSettings
 from lit_mllm.data.slicing import ImageSlicing
 from lit_mllm.models.connector import build_connector, num_image_tokens
 from lit_mllm.models.decoder import build_decoder, resize_embeddings_for
+from lit_mllm.models.fused_mlp import MLP_KERNELS, PROJECTIONS, fuse_swiglu_mlps
 from lit_mllm.models.mllm import MultimodalLM
 from lit_mllm.models.vision import VisionEncoder
 from lit_mllm.tokens import add_image_tokens
@@ -49,6 +50,8 @@ def build_model(
     )
     check_vocabulary(decoder, tokenizer, dec.name_or_path, settings.tokenizer)
     resize_embeddings_for(decoder, len(tokenizer))
+    if fused_mlp_asked(dec):
+        fuse_swiglu_mlps(decoder)
     grid = vision.default_grid
     conn = settings.connector
     if conn.merge < 1 or (conn.kind == "mlp" and (grid[0] % conn.merge or grid[1] % conn.merge)):
@@ -123,6 +126,25 @@ def check_vocabulary(
             "model.tokenizer to the decoder's own tokenizer (usually the same name or folder "
             "as model.decoder.name_or_path)."
         )
+
+
+def fused_mlp_asked(settings: DecoderConfig) -> bool:
+    """``mlp_kernel: quack``, checked against the training mode: LoRA adapters on the MLP's
+    projections would be bypassed by the fused GEMMs, which read the base weights."""
+    if settings.mlp_kernel not in MLP_KERNELS:
+        raise ValueError(
+            f"model.decoder.mlp_kernel {settings.mlp_kernel!r} is not one of {list(MLP_KERNELS)}"
+        )
+    if settings.mlp_kernel != "quack":
+        return False
+    adapted = set(settings.lora_target_modules) & set(PROJECTIONS)
+    if settings.train == "lora" and adapted:
+        raise ValueError(
+            "model.decoder.mlp_kernel quack reads the MLP's base weights, so LoRA adapters on "
+            f"{sorted(adapted)} would be skipped: drop them from lora_target_modules or use "
+            "mlp_kernel: transformers"
+        )
+    return True
 
 
 def apply_training_mode(decoder: PreTrainedModel, settings: DecoderConfig) -> PreTrainedModel:

@@ -15,6 +15,7 @@ from transformers.integrations.fsdp import is_fsdp_managed_module
 from lit_mllm.errors import UsageError
 from lit_mllm.models.attention import VARLEN_ATTENTIONS, VARLEN_FA4_ATTENTION
 from lit_mllm.models.fa4_varlen import fa4_problem
+from lit_mllm.models.fused_mlp import fused_mlps
 from lit_mllm.models.graphed_decoding import GraphedGreedyDecoding
 from lit_mllm.models.token_layout import TokenLayout, image_slot_positions
 from lit_mllm.models.views import ImageViews
@@ -207,7 +208,7 @@ class MultimodalLM(nn.Module):
         layout: TokenLayout | None = None,
     ) -> Tensor:
         base = self.decoder.get_decoder()
-        self.check_attention_kernels(inputs_embeds.device)
+        self.check_kernels(inputs_embeds.device)
         if self.autocast_residual:
             inputs_embeds = in_autocast_dtype(inputs_embeds)
         segments = {}
@@ -244,8 +245,9 @@ class MultimodalLM(nn.Module):
             config, "_attn_implementation", None
         ) in VARLEN_ATTENTIONS and self._layer_types() == {"full_attention"}
 
-    def check_attention_kernels(self, device: torch.device) -> None:
-        """``lit_varlen_fa4`` on a GPU needs FlashAttention-4: a missing package or an older GPU
+    def check_kernels(self, device: torch.device) -> None:
+        """The optional kernels on a GPU, once per device: ``lit_varlen_fa4`` needs
+        FlashAttention-4, ``mlp_kernel: quack`` loads quack. A missing package or an older GPU
         is one clear error at the first forward, not a failure inside a compiled layer."""
         name = getattr(self.decoder.get_decoder().config, "_attn_implementation", None)
         if device.type != "cuda" or (device, name) in self._kernels_checked:
@@ -254,6 +256,8 @@ class MultimodalLM(nn.Module):
             problem = fa4_problem(device)
             if problem is not None:
                 raise UsageError(f"decoder.attn_implementation {VARLEN_FA4_ATTENTION}: {problem}")
+        for mlp in fused_mlps(self.decoder):
+            mlp.load_kernel(device)
         self._kernels_checked.add((device, name))
 
     def forward(
