@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "autocast"],
         help="lit rows: the decoder's residual stream dtype (model.residual_dtype)",
     )
+    p.add_argument(
+        "--mlp-kernel",
+        default="transformers",
+        choices=["transformers", "quack"],
+        help="lit rows: model.decoder.mlp_kernel (quack: SwiGLU in the GEMM epilogues)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device peak")
     p.add_argument("--gen-batch-size", type=int, default=None, help="captions per batch (32)")
     p.add_argument("--gen-batches", type=int, default=None, help="timed batches (3; 0 = skip)")

@@ -30,6 +30,7 @@ class LitTrainee(Trainee):
         device: torch.device,
         image_slicing: ImageSlicing | None = None,
         layout: bool = True,
+        mlp_kernel: str = "transformers",
     ) -> None:
         super().__init__(sizes, decoder, device)
         from lit_mllm.module import MLLMModule
@@ -53,6 +54,7 @@ class LitTrainee(Trainee):
                     "config": dict(sizes.decoders[decoder]),
                     "train": "full",
                     "attn_implementation": "sdpa",
+                    "mlp_kernel": mlp_kernel,
                 },
                 image_slicing=image_slicing,
             )

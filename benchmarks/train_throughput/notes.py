@@ -100,6 +100,13 @@ def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) ->
         "block; kept only when it wins the probe by more than 2 %. 'varlen-fa4' = the same "
         "packed path with FlashAttention-4's varlen kernels (flash-attn-4, CuTe DSL; "
         "attn_implementation lit_varlen_fa4).",
+        "MLP kernel of the lit rows: "
+        + (
+            "quack's GEMMs with the SwiGLU and its derivative in their epilogues "
+            "(--mlp-kernel quack, model.decoder.mlp_kernel)."
+            if args.mlp_kernel == "quack"
+            else "transformers' (cuBLAS GEMMs, the SwiGLU compiled with the layer)."
+        ),
         "MFU = model FLOPs per step / step time / peak dense bf16 FLOP/s of the device "
         "(lit_mllm.flops): per image encoder forward only 2*N_enc*T + 4*L_enc*D_enc*T^2 "
         "(T = patches + CLS); connector 6*N_conn*P (+ 12*Q*P*D for the resampler); decoder "

@@ -177,15 +177,16 @@ def make_trainee(
     sizes: Sizes,
     device: torch.device,
     layout: bool = True,
+    mlp_kernel: str = "transformers",
 ) -> Trainee:
-    """The model and training loop of one row of the table."""
+    """The model and training loop of one row of the table (``mlp_kernel``: lit rows')."""
     if row == "baseline":
         return BaselineTrainee(sizes, decoder, device)
     if row in BEST_ROWS:
         return BestTransformersTrainee(sizes, decoder, device, liger=row.endswith("-liger"))
     if is_sliced(row):
-        return SlicedLitTrainee(sizes, decoder, device, padded=is_padded(row))
-    return LitTrainee(sizes, decoder, row, device, layout=layout)
+        return SlicedLitTrainee(sizes, decoder, device, is_padded(row), mlp_kernel)
+    return LitTrainee(sizes, decoder, row, device, layout=layout, mlp_kernel=mlp_kernel)
 
 
 def run_row(
@@ -203,7 +204,8 @@ def run_row(
     trainee: Trainee | None = None
     report = RowReport(final=None)
     try:
-        trainee = make_trainee(row, decoder, sizes, device, layout=args.lit_layout == "on")
+        layout = args.lit_layout == "on"
+        trainee = make_trainee(row, decoder, sizes, device, layout, args.mlp_kernel)
         if isinstance(trainee, LitTrainee):
             trainee.set_residual_dtype(args.residual_dtype)
         batch_sizes = args.batch_sizes[row]

@@ -57,8 +57,17 @@ def view_groups(images: Sequence[SlicedImage]) -> list[tuple[tuple[int, int], li
 class SlicedLitTrainee(LitTrainee):
     """The resampler row's model with ``image_slicing``: packed, or right-padded rows."""
 
-    def __init__(self, sizes: Sizes, decoder: str, device: torch.device, padded: bool) -> None:
-        super().__init__(sizes, decoder, "resampler", device, image_slicing=sizes.slicing)
+    def __init__(
+        self,
+        sizes: Sizes,
+        decoder: str,
+        device: torch.device,
+        padded: bool,
+        mlp_kernel: str = "transformers",
+    ) -> None:
+        super().__init__(
+            sizes, decoder, "resampler", device, image_slicing=sizes.slicing, mlp_kernel=mlp_kernel
+        )
         self.padded = padded
         self.row = "resampler-sliced-padded" if padded else "resampler-sliced"
         self.tokens_per_view = int(self.module.tokens_per_view)

@@ -1,0 +1,130 @@
+"""One decoder MLP's training step: transformers' SwiGLU MLP compiled against quack's fused GEMMs.
+
+``python -m benchmarks.swiglu_mlp`` (CUDA): the 1.5B benchmark's MLP (Qwen2: 1536 -> 8960 ->
+1536) on one packed row of the MLP row's size (26,880 tokens at micro-batch 32), float32 weights
+under bf16 autocast and a bf16 input, as in training. Forward and forward+backward time per
+call, TFLOP/s, and the fused layer's error against transformers' (output, input and weight
+gradients). quack that cannot run here (not installed, or before Hopper) is listed with the
+reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+from lit_mllm.models.fused_mlp import FusedSwiGLU, quack_problem
+
+
+def mlp_layers(args: argparse.Namespace, device: torch.device) -> dict[str, nn.Module]:
+    """transformers' MLP (compiled, as ``compile_blocks`` does) and the fused layer over a copy
+    of the same weights."""
+    config = Qwen2Config(hidden_size=args.hidden, intermediate_size=args.intermediate)
+    torch.manual_seed(0)
+    reference = Qwen2MLP(config).to(device)
+    layers: dict[str, nn.Module] = {"transformers, compiled": reference}
+    if device.type == "cuda":
+        layers["transformers, compiled"] = torch.compile(reference, dynamic=True)
+    if device.type != "cuda" or quack_problem(device) is None:
+        mine = copy.deepcopy(reference)
+        layers["quack fused (mlp_kernel: quack)"] = FusedSwiGLU(
+            mine.gate_proj, mine.up_proj, mine.down_proj
+        )
+    return layers
+
+
+def training_call(layer: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], Tensor]:
+    def step() -> Tensor:
+        for parameter in layer.parameters():
+            parameter.grad = None
+        x.grad = None
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = layer(x)
+        out.backward(grad_out)
+        return out
+
+    return step
+
+
+def measure(layer: nn.Module, x: Tensor, grad_out: Tensor, repeats: int) -> dict:
+    """First call (compilation / JIT), then CUDA-event times of forward and forward+backward."""
+    step = training_call(layer, x, grad_out)
+    start = time.perf_counter()
+    out = step()
+    torch.cuda.synchronize()
+    first_call_s = time.perf_counter() - start
+    outputs = [out.detach(), x.grad, *(p.grad for p in layer.parameters())]
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    events[0].record()
+    for _ in range(repeats):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            layer(x)
+    events[1].record()
+    for _ in range(repeats):
+        step()
+    events[2].record()
+    torch.cuda.synchronize()
+    return {
+        "first_call_s": first_call_s,
+        "forward_ms": events[0].elapsed_time(events[1]) / repeats,
+        "both_ms": events[1].elapsed_time(events[2]) / repeats,
+        "outputs": outputs,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.swiglu_mlp", description=__doc__)
+    p.add_argument("--tokens", type=int, default=26880)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--intermediate", type=int, default=8960)
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = (1, args.tokens, args.hidden)
+    x = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=generator)
+    x.requires_grad_()
+    grad_out = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=generator)
+    flops = 2 * 3 * args.tokens * args.hidden * args.intermediate  # three GEMMs, forward
+    lines = [
+        f"# SwiGLU MLP, {torch.cuda.get_device_name(device)}, torch {torch.__version__}",
+        "",
+        f"{args.tokens} tokens, {args.hidden} -> {args.intermediate} -> {args.hidden}, float32 "
+        f"weights under bf16 autocast; {args.repeats} timed calls after one warm-up call.",
+        "",
+        "| layer | first call (s) | forward ms | TFLOP/s | fwd+bwd ms | TFLOP/s "
+        "| rel. error out, dx, dW (gate, up, down) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    reference = None
+    for name, layer in mlp_layers(args, device).items():
+        result = measure(layer, x, grad_out, args.repeats)
+        reference = reference or result["outputs"]
+        errors = ", ".join(
+            f"{float((a.float() - b.float()).norm() / b.float().norm()):.4f}"
+            for a, b in zip(result["outputs"], reference, strict=True)
+        )
+        fwd, both = result["forward_ms"], result["both_ms"]
+        lines.append(
+            f"| {name} | {result['first_call_s']:.1f} | {fwd:.3f} | {flops / fwd / 1e9:.0f} | "
+            f"{both:.3f} | {3 * flops / both / 1e9:.0f} | {errors} |"
+        )
+    problem = quack_problem(device)
+    if problem is not None:
+        lines += ["", f"quack not run: {problem}"]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
