@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
+from benchmarks.kernel_table import measure, timing_row
 from lit_mllm.models.fused_mlp import FusedSwiGLU, quack_problem
 
 
@@ -40,43 +40,27 @@ def mlp_layers(args: argparse.Namespace, device: torch.device) -> dict[str, nn.M
     return layers
 
 
-def training_call(layer: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], Tensor]:
-    def step() -> Tensor:
+def training_call(layer: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], list[Tensor]]:
+    """One training step of ``layer`` from fresh gradients: output, dx and the weights' grads."""
+
+    def step() -> list[Tensor]:
         for parameter in layer.parameters():
             parameter.grad = None
         x.grad = None
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             out = layer(x)
         out.backward(grad_out)
-        return out
+        return [out, x.grad, *(p.grad for p in layer.parameters())]
 
     return step
 
 
-def measure(layer: nn.Module, x: Tensor, grad_out: Tensor, repeats: int) -> dict:
-    """First call (compilation / JIT), then CUDA-event times of forward and forward+backward."""
-    step = training_call(layer, x, grad_out)
-    start = time.perf_counter()
-    out = step()
-    torch.cuda.synchronize()
-    first_call_s = time.perf_counter() - start
-    outputs = [out.detach(), x.grad, *(p.grad for p in layer.parameters())]
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-    events[0].record()
-    for _ in range(repeats):
+def time_layer(layer: nn.Module, x: Tensor, grad_out: Tensor, repeats: int) -> dict:
+    def forward() -> Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            layer(x)
-    events[1].record()
-    for _ in range(repeats):
-        step()
-    events[2].record()
-    torch.cuda.synchronize()
-    return {
-        "first_call_s": first_call_s,
-        "forward_ms": events[0].elapsed_time(events[1]) / repeats,
-        "both_ms": events[1].elapsed_time(events[2]) / repeats,
-        "outputs": outputs,
-    }
+            return layer(x)
+
+    return measure(forward, training_call(layer, x, grad_out), repeats)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -107,17 +91,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     ]
     reference = None
     for name, layer in mlp_layers(args, device).items():
-        result = measure(layer, x, grad_out, args.repeats)
+        result = time_layer(layer, x, grad_out, args.repeats)
         reference = reference or result["outputs"]
-        errors = ", ".join(
-            f"{float((a.float() - b.float()).norm() / b.float().norm()):.4f}"
-            for a, b in zip(result["outputs"], reference, strict=True)
-        )
-        fwd, both = result["forward_ms"], result["both_ms"]
-        lines.append(
-            f"| {name} | {result['first_call_s']:.1f} | {fwd:.3f} | {flops / fwd / 1e9:.0f} | "
-            f"{both:.3f} | {3 * flops / both / 1e9:.0f} | {errors} |"
-        )
+        lines.append(timing_row(name, result, reference, flops, 3 * flops))
     problem = quack_problem(device)
     if problem is not None:
         lines += ["", f"quack not run: {problem}"]

@@ -10,12 +10,12 @@ causal halving), and each kernel's error against the built-in one. Kernels that 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from benchmarks.kernel_table import measure, timing_row
 from lit_mllm.models.attention import flash_varlen, varlen_available
 from lit_mllm.models.fa4_varlen import fa4_problem, fa4_varlen
 
@@ -43,39 +43,23 @@ def packed_inputs(args: argparse.Namespace, device: torch.device) -> tuple[list[
 
 
 def time_kernel(kernel: Kernel, tensors: list[Tensor], cu: Tensor, repeats: int) -> dict:
-    """Warm-up (JIT compiles here), then CUDA-event times of forward and forward+backward."""
+    """One kernel on the packed row: :func:`benchmarks.kernel_table.measure`'s times and values."""
     q, k, v, grad_out = tensors
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     max_len = int(torch.diff(cu).max())
     scale = q.shape[-1] ** -0.5
-    start = time.perf_counter()
-    out = kernel(*leaves, cu, max_len, scale)
-    out.backward(grad_out)
-    torch.cuda.synchronize()
-    first_call_s = time.perf_counter() - start
-    reference = [out.detach(), *(t.grad for t in leaves)]
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-    events[0].record()
-    for _ in range(repeats):
-        kernel(*leaves, cu, max_len, scale)
-    events[1].record()
-    for _ in range(repeats):
-        kernel(*leaves, cu, max_len, scale).backward(grad_out)
-    events[2].record()
-    torch.cuda.synchronize()
-    return {
-        "first_call_s": first_call_s,
-        "forward_ms": events[0].elapsed_time(events[1]) / repeats,
-        "both_ms": events[1].elapsed_time(events[2]) / repeats,
-        "outputs": reference,
-    }
 
+    def forward() -> Tensor:
+        return kernel(*leaves, cu, max_len, scale)
 
-def relative_errors(outputs: Sequence[Tensor], reference: Sequence[Tensor]) -> list[float]:
-    return [
-        float((a.float() - b.float()).norm() / b.float().norm())
-        for a, b in zip(outputs, reference, strict=True)
-    ]
+    def train_step() -> list[Tensor]:
+        for leaf in leaves:
+            leaf.grad = None
+        out = forward()
+        out.backward(grad_out)
+        return [out, *(t.grad for t in leaves)]
+
+    return measure(forward, train_step, repeats)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -113,12 +97,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     for name, kernel in kernels.items():
         result = time_kernel(kernel, tensors, cu, args.repeats)
         reference = reference or result["outputs"]
-        errors = ", ".join(f"{e:.4f}" for e in relative_errors(result["outputs"], reference))
-        fwd, both = result["forward_ms"], result["both_ms"]
-        lines.append(
-            f"| {name} | {result['first_call_s']:.1f} | {fwd:.3f} | {flops / fwd / 1e9:.0f} | "
-            f"{both:.3f} | {3.5 * flops / both / 1e9:.0f} | {errors} |"
-        )
+        lines.append(timing_row(name, result, reference, flops, 3.5 * flops))
     if problem is not None:
         lines += ["", f"FlashAttention-4 not run: {problem}"]
     text = "\n".join(lines)

@@ -40,3 +40,13 @@ def test_one_row_per_kernel_and_fa4_close_to_the_builtin() -> None:
     assert len(rows) == 2 and rows[1].startswith("| FlashAttention-4")
     errors = [float(e) for e in rows[1].rsplit("|", 2)[1].split(",")]
     assert max(errors) < 2e-2, errors
+
+
+def test_a_kernel_row_reports_times_throughput_and_errors_against_the_reference() -> None:
+    from benchmarks.kernel_table import timing_row
+
+    reference = [torch.ones(4), torch.full((2,), 2.0)]
+    outputs = [torch.ones(4), torch.tensor([2.0, 2.2])]
+    result = {"first_call_s": 1.25, "forward_ms": 2.0, "both_ms": 5.0, "outputs": outputs}
+    row = timing_row("k", result, reference, flops=4e12, both=1e13)
+    assert row == "| k | 1.2 | 2.000 | 2000 | 5.000 | 2000 | 0.0000, 0.0707 |"
