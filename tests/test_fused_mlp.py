@@ -103,7 +103,7 @@ def test_an_older_gpu_is_named_by_its_architecture(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(fused_mlp, "quack_installed", lambda: True)
     problem = fused_mlp.quack_problem(torch.device("cuda"))
-    assert problem == "quack's fused GEMMs need a Hopper or Blackwell GPU; cuda is sm86"
+    assert problem == "quack needs a Hopper or Blackwell GPU; cuda is sm86"
     assert fused_mlp.quack_problem(torch.device("cpu")).endswith("not on cpu")
 
 

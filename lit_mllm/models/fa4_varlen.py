@@ -14,39 +14,29 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from lit_mllm.errors import UsageError
+from lit_mllm.models.gpu_kernels import HOPPER_OR_BLACKWELL, gpu_kernel_problem, module_installed
 
 FA4_MODULE = "flash_attn.cute.interface"
 FA4_INSTALL = (
     "`pip install flash-attn-4` (`flash-attn-4[cu13]` with a CUDA 13 torch), or flash-attention's "
     "flash_attn/cute folder from its repository"
 )
-FA4_CAPABILITIES = (9, 10)
+FA4_CAPABILITIES = HOPPER_OR_BLACKWELL
 
 
 def fa4_installed() -> bool:
-    try:
-        return importlib.util.find_spec(FA4_MODULE) is not None
-    except ModuleNotFoundError:  # flash_attn itself is missing
-        return False
+    return module_installed(FA4_MODULE)
 
 
 def fa4_problem(device: torch.device) -> str | None:
     """Why FA4 cannot run on ``device``; None when it can."""
-    if device.type != "cuda":
-        return f"FlashAttention-4 runs on CUDA GPUs only, not on {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major not in FA4_CAPABILITIES:
-        return f"FlashAttention-4 needs a Hopper or Blackwell GPU; {device} is sm{major}{minor}"
-    if not fa4_installed():
-        return f"FlashAttention-4 ({FA4_MODULE}) is not installed: {FA4_INSTALL}"
-    return None
+    return gpu_kernel_problem(device, "FlashAttention-4", FA4_MODULE, FA4_INSTALL, fa4_installed)
 
 
 @functools.cache

@@ -6,7 +6,8 @@ up GEMMs, and its derivative after the down GEMM's backward. quack (Tri Dao's Cu
 for Hopper and Blackwell GPUs, ``pip install quack-kernels``) computes both in the GEMMs'
 epilogues, so those activations are written and read once less. On the H200 at the 1.5B
 benchmark's shape (26,880 tokens, 1536 -> 8960 -> 1536) one MLP's forward + backward takes
-10.30 ms against 10.96 ms compiled (benchmarks/RESULTS.md, round 7).
+10.56 ms against 10.70 ms compiled, and the whole 1.5B step 2.6 % less time and 14.7 GiB less
+memory (``python -m benchmarks.swiglu_mlp``; benchmarks/RESULTS.md, round 7).
 
 The layer keeps transformers' ``gate_proj`` / ``up_proj`` / ``down_proj`` weights, so
 checkpoints load and save under the same names; the gate and up weights are concatenated per
@@ -23,7 +24,6 @@ computes transformers' own formula.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -31,32 +31,23 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from lit_mllm.errors import UsageError
+from lit_mllm.models.gpu_kernels import HOPPER_OR_BLACKWELL, gpu_kernel_problem, module_installed
 
 QUACK_MLP_MODULE = "quack.mlp"
 QUACK_INSTALL = "`pip install quack-kernels` (with nvidia-cutlass-dsl for your CUDA)"
-QUACK_CAPABILITIES = (9, 10)
+QUACK_CAPABILITIES = HOPPER_OR_BLACKWELL
 MLP_KERNELS = ("transformers", "quack")
 SILU_NAMES = ("silu", "swish")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def quack_installed() -> bool:
-    try:
-        return importlib.util.find_spec(QUACK_MLP_MODULE) is not None
-    except ModuleNotFoundError:  # quack itself is missing
-        return False
+    return module_installed(QUACK_MLP_MODULE)
 
 
 def quack_problem(device: torch.device) -> str | None:
     """Why quack's fused MLP cannot run on ``device``; None when it can."""
-    if device.type != "cuda":
-        return f"quack's GEMMs run on CUDA GPUs only, not on {device.type}"
-    if not quack_installed():
-        return f"quack ({QUACK_MLP_MODULE}) is not installed: {QUACK_INSTALL}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major not in QUACK_CAPABILITIES:
-        return f"quack's fused GEMMs need a Hopper or Blackwell GPU; {device} is sm{major}{minor}"
-    return None
+    return gpu_kernel_problem(device, "quack", QUACK_MLP_MODULE, QUACK_INSTALL, quack_installed)
 
 
 class FusedSwiGLU(nn.Module):
