@@ -30,11 +30,23 @@ def versions() -> str:
     )
 
 
+def host_cpu() -> str:
+    """The host processor's model name: the naive row is launch-bound, so it sets its speed."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB); host CPU {host_cpu()}"
+    return f"CPU ({host_cpu()})"
 
 
 def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) -> list[str]:
@@ -67,14 +79,14 @@ def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) ->
         "torch.optim.AdamW (default foreach), plain loop.",
         "Best transformers: the same LLaVA with padding-free rows from transformers' "
         "DataCollatorWithFlattening (position ids restart per sample; transformers derives the "
-        "block-diagonal mask: 'sdpa' dense, 'flex_attention' block-sparse, the faster kept), "
+        "block-diagonal mask: 'sdpa' dense, 'flex_attention' block-sparse; 'flash_attention_4' "
+        "(where flash-attn-4 runs) reads them as varlen segments; the fastest kept), "
         "two variants: regional torch.compile of the decoder layers (kept when it wins, as for "
         "lit-mllm), or liger-kernel (eager: its autograd Functions fail under torch.compile; its "
         "LLaVA patch fails with transformers 5.24, so liger's Qwen2 RMSNorm + SwiGLU on the "
         "language model and its fused linear cross-entropy on the hidden states; CUDA only); "
         "the frozen vision tower in bf16, fused AdamW; the faster variant is the bar. "
-        "flash-attn, the one backend that reads the collator's cu_seq_lens directly, is not "
-        "installed.",
+        "flash-attn 2/3 (transformers' other varlen backends) are not installed.",
         f"lit-mllm: MLLMModule (timm {sizes.encoder_name}, pretrained false, feature_layer -2; "
         f"decoder from a Qwen2 `config:` dict, vocab {vocab[0]}, train full) stepped "
         f"as module(batch) -> loss; loss.backward(); AdamW(fused={cuda}).step(): packing (one row "

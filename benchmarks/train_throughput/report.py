@@ -143,6 +143,20 @@ def _train_table(finals: Sequence[Measurement], peak: float) -> list[str]:
     return _table(TRAIN_COLUMNS, rows)
 
 
+def _step_time_lines(finals: Sequence[Measurement]) -> list[str]:
+    """Each row's timed steps: a launch-bound row varies between runs, and this shows how."""
+    lines = []
+    for m in finals:
+        if m.step_times_ms:
+            times = sorted(m.step_times_ms)
+            lines.append(
+                f"- {m.decoder} {m.row}: min {times[0]:.0f}, median {times[len(times) // 2]:.0f}, "
+                f"max {times[-1]:.0f}; allocator retries {m.alloc_retries}; in order: "
+                + ", ".join(f"{t:.0f}" for t in m.step_times_ms)
+            )
+    return lines
+
+
 def _sliced_table(finals: Sequence[Measurement], peak: float) -> list[str]:
     """The sliced rows next to the unsliced resampler row, then the two ratios per decoder."""
     shown = [m for m in finals if m.row == "resampler" or is_sliced(m.row)]
@@ -198,14 +212,6 @@ def _sliced_table(finals: Sequence[Measurement], peak: float) -> list[str]:
                     f"- {decoder} {m.row}: views per image over its {m.images} timed images "
                     f"(views: images): {hist}"
                 )
-                if m.step_times_ms:
-                    times = sorted(m.step_times_ms)
-                    lines.append(
-                        f"- {decoder} {m.row}: step times (ms) min {times[0]:.0f}, median "
-                        f"{times[len(times) // 2]:.0f}, max {times[-1]:.0f}; allocator retries "
-                        f"{m.alloc_retries}; in order: "
-                        + ", ".join(f"{t:.0f}" for t in m.step_times_ms)
-                    )
     return lines
 
 
@@ -281,6 +287,9 @@ def render_report(
     finals = [r.final for r in reports if r.final is not None]
     lines = list(header) + ["", "## Training throughput (best micro-batch per row)", ""]
     lines += _train_table(finals, peak)
+    step_times = _step_time_lines(finals)
+    if step_times:
+        lines += ["", "## Step times (ms, timed steps of each row)", ""] + step_times
     if any(m.row in SLICED_ROWS for m in finals):
         lines += ["", "## Sliced images (thumbnail + slices per image, packed vs padded)", ""]
         lines += _sliced_table(finals, peak)
