@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -133,6 +134,11 @@ def test_tiny_run_reports_every_row_with_finite_numbers(tmp_path: Path) -> None:
             assert math.isfinite(_number(row[column])), (label, column, row[column])
         assert _number(row["samples/s"]) > 0 and _number(row["step (ms)"]) > 0
         assert _number(row["sup tok/s"]) < _number(row["real tok/s"])
+    # every row's timed steps are listed, so a launch-bound row's spread can be read
+    step_times = text.split("## Step times (ms, timed steps of each row)")[1].split("##")[0]
+    for row in ("baseline", "best-transformers", "best-transformers-liger", "mlp", "resampler"):
+        assert f"- 0.5b {row}: min " in step_times
+    assert re.search(r"- device: CPU \(.+, \d+ cores\)", text)
     base, compiled, liger, mlp, res = rows.values()
     # the bar is the faster tuned transformers variant (on a CPU both run eager, no liger)
     best = max((compiled, liger), key=lambda r: _number(r["real tok/s"]))
@@ -268,6 +274,14 @@ def test_best_transformers_row_packs_without_padding_and_trains_the_naive_rows_l
     padded, packed = naive.collate(samples), best.collate(samples)
     assert packed["input_ids"].shape == (1, packed["num_tokens"]) == (1, sum(packed["lengths"]))
     assert packed["position_ids"][0].eq(0).sum() == 4
+    assert "cu_seq_lens_q" not in packed  # SDPA / flex read the position ids only
+    best.attention = "flash_attention_4"  # the segments FlashAttention reads, from the CPU
+    flash = best.collate(samples)
+    best.attention = "sdpa"
+    bounds = [0, *torch.tensor(packed["lengths"]).cumsum(0).tolist()]
+    assert flash["cu_seq_lens_q"].tolist() == flash["cu_seq_lens_k"].tolist() == bounds
+    assert flash["max_length_q"] == flash["max_length_k"] == max(packed["lengths"])
+    assert torch.equal(flash["input_ids"], packed["input_ids"])
     pixels = torch.randn(4, 3, TINY.image_size, TINY.image_size)
     losses = []
     for trainee, batch in ((naive, padded), (best, packed)):
@@ -456,7 +470,7 @@ def test_tiny_sliced_rows_report_packed_vs_padded(tmp_path: Path) -> None:
     assert "- 0.5b: packed / padded = " in text and "real tok/s = **" in text
     assert "- 0.5b: MFU sliced packed / unsliced resampler = " in text
     assert "- 0.5b resampler-sliced: views per image over its 8 timed images" in text
-    assert "- 0.5b resampler-sliced: step times (ms) min " in text
+    assert "- 0.5b resampler-sliced: min " in text and "; in order: " in text
     assert "Sliced rows: the resampler row's model with image_slicing(max_slices=9" in text
 
     raw = json.loads(out.with_suffix(".json").read_text())
@@ -657,3 +671,28 @@ def test_caption_profile_lists_the_models_phases_with_their_host_time() -> None:
     assert all(row.endswith("| 1 |") for row in rows)  # two calls over two batches
     assert "| phase (host wall) | ms/batch | calls/batch |" in text
     assert "someone_else" not in text.split("| phase (host wall)")[1].split("| top kernels")[0]
+
+
+def test_flash_attention_4_of_the_tuned_row_stays_out_of_compiled_graphs() -> None:
+    """Dynamo does not trace flash-attn-4's Python interface (it breaks the graph inside it):
+    the row re-registers transformers' own function behind torch.compiler.disable, and only
+    that name changes."""
+    from transformers import AttentionInterface
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    from benchmarks.train_throughput.best_transformers import keep_flash_attention_4_out_of_graphs
+
+    functions = AttentionInterface()
+    before = {name: functions[name] for name in functions}
+    try:
+        keep_flash_attention_4_out_of_graphs()
+        keep_flash_attention_4_out_of_graphs()  # again: still one wrapper around the original
+        wrapped = AttentionInterface()["flash_attention_4"]
+        assert wrapped is not flash_attention_forward
+        assert wrapped.__wrapped__ is flash_attention_forward
+        after = AttentionInterface()
+        assert {n: after[n] for n in after if n != "flash_attention_4"} == {
+            n: f for n, f in before.items() if n != "flash_attention_4"
+        }
+    finally:
+        AttentionInterface.register("flash_attention_4", before["flash_attention_4"])

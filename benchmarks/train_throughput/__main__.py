@@ -70,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         "FlashAttention-4; auto probes sdpa, varlen and, where it can run, varlen-fa4)",
     )
     p.add_argument(
-        "--best-attn", default="auto", choices=["auto", "sdpa", "flex_attention"]
-    )  # the best-transformers row's attention (auto: the faster of the two)
+        "--best-attn",
+        default="auto",
+        choices=["auto", "sdpa", "flex_attention", "flash_attention_4"],
+        help="best-transformers rows' attention (auto: the fastest of sdpa, flex_attention and, "
+        "where flash-attn-4 runs, transformers' flash_attention_4)",
+    )
     p.add_argument(
         "--lit-layout",
         default="on",

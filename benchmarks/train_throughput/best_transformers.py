@@ -5,8 +5,9 @@
   (SDPA: a dense mask; ``flex_attention``: a block-sparse one). Only with ``use_cache=False``:
   the config's default ``use_cache=True`` makes a cache, and with a cache transformers does not
   look for packed sequences, so every sample would attend to the ones before it (found by the
-  parity test). flash-attn (the only backend that reads the collator's ``cu_seq_lens``
-  directly) is not installed on the device;
+  parity test). Where flash-attn-4 is installed (Hopper/Blackwell), transformers' own
+  ``flash_attention_4`` is a third candidate: it turns the restarting position ids into varlen
+  segments, so no mask is built (flash-attn 2/3 are not installed on the device);
 - liger-kernel: its LLaVA patch fails with transformers 5.24 (liger 0.8.5's output class
   lacks ``image_hidden_states``), so the row applies liger's Qwen2 patch to the language model
   (RMSNorm, SwiGLU) and calls liger's fused linear cross-entropy on the hidden states itself
@@ -31,6 +32,26 @@ from benchmarks.train_throughput.sizes import Sizes
 from benchmarks.train_throughput.stream import Sample, batch_stats, render
 from benchmarks.train_throughput.trainee import autocast
 
+FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def keep_flash_attention_4_out_of_graphs() -> None:
+    """Register transformers' ``flash_attention_4`` again behind ``torch.compiler.disable``.
+
+    Traced by dynamo, flash-attn-4's Python interface breaks the graph inside
+    ``_flash_attn_fwd`` (H200, torch 2.11); the compiled layers call the kernel eagerly
+    instead, as lit-mllm's own FA4 custom ops are called. The first compiled runs also hit an
+    illegal memory access, which came with the vision tower reading the text's segments (see
+    ``set_attention``); the two fixes went in together. Only this process's
+    ``flash_attention_4`` changes; other backends stay as they are.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    AttentionInterface.register(
+        "flash_attention_4", torch.compiler.disable(flash_attention_forward, recursive=True)
+    )
+
 
 def liger_available(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
@@ -47,6 +68,10 @@ class BestTransformersTrainee(BaselineTrainee):
         from transformers import DataCollatorWithFlattening
 
         self.flatten = DataCollatorWithFlattening(return_position_ids=True)
+        # FlashAttention reads the segments from these, computed on the CPU (no host sync)
+        self.flatten_for_flash = DataCollatorWithFlattening(
+            return_position_ids=True, return_flash_attn_kwargs=True
+        )
         self.liger = liger and liger_available(device)
         self.fused_loss = None
         if liger:
@@ -89,7 +114,14 @@ class BestTransformersTrainee(BaselineTrainee):
         return torch.optim.AdamW(trainable, lr=1e-5, fused=self.device.type == "cuda")
 
     def set_attention(self, name: str) -> None:
-        self.model.set_attn_implementation(name)
+        if name == "flash_attention_4":
+            keep_flash_attention_4_out_of_graphs()
+            # LLaVA hands its keyword arguments (the text's cu_seq_lens) to the vision tower
+            # too, where FA4 would read the image rows through the text's segments (an illegal
+            # memory access on the H200): the frozen CLIP keeps SDPA
+            self.model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
+        else:
+            self.model.set_attn_implementation(name)
         self.attention = name
 
     def set_compiled(self, on: bool) -> None:
@@ -103,7 +135,8 @@ class BestTransformersTrainee(BaselineTrainee):
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
         sequences = [render(s, self.image_block) for s in samples]
-        batch = self.flatten([{"input_ids": ids, "labels": labels} for ids, labels in sequences])
+        flatten = self.flatten_for_flash if self.attention.startswith("flash") else self.flatten
+        batch = flatten([{"input_ids": ids, "labels": labels} for ids, labels in sequences])
         batch.update(batch_stats(sequences))
         batch["num_tokens"] = batch["num_padded_tokens"] = int(batch["input_ids"].shape[1])
         return batch
@@ -123,6 +156,10 @@ class BestTransformersTrainee(BaselineTrainee):
             "position_ids": batch["position_ids"].to(dev, non_blocking=True),
             "use_cache": False,  # with a KV cache transformers ignores the packing (see above)
         }
+        for key in FLASH_KWARGS:
+            if key in batch:
+                value = batch[key]
+                inputs[key] = value.to(dev, non_blocking=True) if torch.is_tensor(value) else value
         labels = batch["labels"].to(dev, non_blocking=True)
         with autocast(dev), torch.compiler.set_stance(stance):
             if self.fused_loss is None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers.utils import is_flash_attn_2_available
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
 
 from benchmarks.train_throughput.baseline import BaselineTrainee
 from benchmarks.train_throughput.best_transformers import BestTransformersTrainee
@@ -77,6 +77,8 @@ def attention_candidates(trainee: Trainee, args: argparse.Namespace) -> list[str
     device = trainee.device
     if isinstance(trainee, BestTransformersTrainee):
         names = ["sdpa"] + (["flex_attention"] if device.type == "cuda" else [])
+        if device.type == "cuda" and fa4_problem(device) is None and is_flash_attn_4_available():
+            names.append("flash_attention_4")  # transformers' own varlen path for packed rows
         return names if args.best_attn == "auto" else [args.best_attn]
     names = ["sdpa"]
     if varlen_available(device):
