@@ -138,6 +138,7 @@ def test_tiny_run_reports_every_row_with_finite_numbers(tmp_path: Path) -> None:
     step_times = text.split("## Step times (ms, timed steps of each row)")[1].split("##")[0]
     for row in ("baseline", "best-transformers", "best-transformers-liger", "mlp", "resampler"):
         assert f"- 0.5b {row}: min " in step_times
+    assert "(1.00x the naive row's)" in step_times.split("- 0.5b best-transformers:")[0]
     assert re.search(r"- device: CPU \(.+, \d+ cores\)", text)
     base, compiled, liger, mlp, res = rows.values()
     # the bar is the faster tuned transformers variant (on a CPU both run eager, no liger)
@@ -696,3 +697,20 @@ def test_flash_attention_4_of_the_tuned_row_stays_out_of_compiled_graphs() -> No
         }
     finally:
         AttentionInterface.register("flash_attention_4", before["flash_attention_4"])
+
+
+def test_steady_rate_leaves_out_steps_over_twice_the_median() -> None:
+    """One stalled step (a long padded batch mapping new memory) weighs on 20 steps' mean;
+    the steady rate leaves it out and says so."""
+    from benchmarks.train_throughput.measure import Measurement
+
+    m = Measurement("baseline", "1.5b", "mlp", 576, 12, "sdpa", False)
+    m.steps, m.seconds = 4, 0.8
+    m.step_times_ms = [100.0, 120.0, 480.0, 100.0]
+    m.step_real_tokens = [1000, 1200, 1000, 1000]
+    rate, stalls = m.steady()
+    assert stalls == 1 and rate == pytest.approx(3200 / 0.32)
+    m.step_times_ms[2] = 200.0  # within 2x the median (120): nothing left out
+    assert m.steady() == (pytest.approx(4200 / 0.52), 0)
+    m.status = "OOM"
+    assert math.isnan(m.steady()[0])

@@ -49,6 +49,7 @@ class Measurement:
     view_sizes: int = 0  # distinct view sizes summed over the timed steps
     view_hist: dict[int, int] = field(default_factory=dict)  # views per image -> images
     step_times_ms: list[float] = field(default_factory=list)  # each timed step, in order
+    step_real_tokens: list[int] = field(default_factory=list)  # the same steps' real tokens
     alloc_retries: int = 0  # CUDA caching allocator: frees-all-and-retry events while timed
 
     @property
@@ -74,6 +75,18 @@ class Measurement:
     @property
     def padding_pct(self) -> float:
         return 100.0 * (self.padded_tokens - self.real_tokens) / max(self.padded_tokens, 1)
+
+    def steady(self, stall_factor: float = 2.0) -> tuple[float, int]:
+        """Real tokens/s over the timed steps no slower than ``stall_factor`` x the median
+        step, and how many were left out: one-off stalls (a first long padded batch mapping
+        new memory, a recompile) that a long run pays once weigh on 20 steps' mean."""
+        if not self.ok or not self.step_times_ms:
+            return float("nan"), 0
+        limit = stall_factor * sorted(self.step_times_ms)[len(self.step_times_ms) // 2]
+        steps = zip(self.step_times_ms, self.step_real_tokens, strict=True)
+        kept = [(t, n) for t, n in steps if t <= limit]
+        seconds = sum(t for t, _ in kept) / 1000
+        return sum(n for _, n in kept) / seconds, len(self.step_times_ms) - len(kept)
 
     @property
     def peak_gib(self) -> float:
@@ -178,7 +191,8 @@ def measure(
     result.steps = steps
     result.samples = sum(b["num_samples"] for b in timed)
     result.supervised = sum(b["supervised"] for b in timed)
-    result.real_tokens = sum(b["num_tokens"] for b in timed)
+    result.step_real_tokens = [int(b["num_tokens"]) for b in timed]
+    result.real_tokens = sum(result.step_real_tokens)
     result.padded_tokens = sum(b["num_padded_tokens"] for b in timed)
     result.flops = sum(trainee.flops(b) for b in timed)
     result.palm_flops = sum(trainee.flops(b, head_on_every_token=True) for b in timed)

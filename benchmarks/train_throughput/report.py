@@ -144,14 +144,20 @@ def _train_table(finals: Sequence[Measurement], peak: float) -> list[str]:
 
 
 def _step_time_lines(finals: Sequence[Measurement]) -> list[str]:
-    """Each row's timed steps: a launch-bound row varies between runs, and this shows how."""
+    """Each row's timed steps, and its rate without one-off stalls: a launch-bound row varies
+    between runs, and this shows how and by how much."""
+    naive = {m.decoder: m.steady()[0] for m in finals if m.row == "baseline" and m.ok}
     lines = []
     for m in finals:
         if m.step_times_ms:
             times = sorted(m.step_times_ms)
+            steady, stalls = m.steady()
+            versus = naive.get(m.decoder, float("nan"))
             lines.append(
                 f"- {m.decoder} {m.row}: min {times[0]:.0f}, median {times[len(times) // 2]:.0f}, "
-                f"max {times[-1]:.0f}; allocator retries {m.alloc_retries}; in order: "
+                f"max {times[-1]:.0f}; allocator retries {m.alloc_retries}; without the "
+                f"{stalls} step(s) over 2x the median: {_fmt(steady, 0)} real tok/s"
+                f" ({_ratio(steady / versus)} the naive row's); in order: "
                 + ", ".join(f"{t:.0f}" for t in m.step_times_ms)
             )
     return lines
