@@ -78,8 +78,8 @@ class Measurement:
 
     def steady(self, stall_factor: float = 2.0) -> tuple[float, int]:
         """Real tokens/s over the timed steps no slower than ``stall_factor`` x the median
-        step, and how many were left out: one-off stalls (a first long padded batch mapping
-        new memory, a recompile) that a long run pays once weigh on 20 steps' mean."""
+        step, and how many were left out: a one-off stall (a recompile, a new shape's set-up)
+        that a long run pays once weighs heavily on 20 steps' mean."""
         if not self.ok or not self.step_times_ms:
             return float("nan"), 0
         limit = stall_factor * sorted(self.step_times_ms)[len(self.step_times_ms) // 2]
