@@ -674,6 +674,27 @@ def test_caption_profile_lists_the_models_phases_with_their_host_time() -> None:
     assert "someone_else" not in text.split("| phase (host wall)")[1].split("| top kernels")[0]
 
 
+def test_flash_attention_of_the_tuned_row_is_for_the_text_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LLaVA passes the text's cu_seq_lens on to its vision tower: a FlashAttention backend
+    is set for the text config only (CLIP keeps SDPA); other backends for the whole model."""
+    best = BestTransformersTrainee(TINY, "0.5b", torch.device("cpu"), liger=False)
+    asked: list[object] = []
+    monkeypatch.setattr(best.model, "set_attn_implementation", asked.append)
+    monkeypatch.setattr(
+        "benchmarks.train_throughput.best_transformers.keep_flash_attention_4_out_of_graphs",
+        lambda: asked.append("kept out of graphs"),
+    )
+    best.set_attention("flash_attention_4")
+    best.set_attention("sdpa")
+    assert asked == [
+        "kept out of graphs",
+        {"text_config": "flash_attention_4", "vision_config": "sdpa"},
+        "sdpa",
+    ]
+
+
 def test_flash_attention_4_of_the_tuned_row_stays_out_of_compiled_graphs() -> None:
     """Dynamo does not trace flash-attn-4's Python interface (it breaks the graph inside it):
     the row re-registers transformers' own function behind torch.compiler.disable, and only

@@ -116,8 +116,9 @@ class BestTransformersTrainee(BaselineTrainee):
     def set_attention(self, name: str) -> None:
         if name == "flash_attention_4":
             keep_flash_attention_4_out_of_graphs()
+        if name.startswith("flash_attention"):
             # LLaVA hands its keyword arguments (the text's cu_seq_lens) to the vision tower
-            # too, where FA4 would read the image rows through the text's segments (an illegal
+            # too, where FA4 read the image rows through the text's segments (an illegal
             # memory access on the H200): the frozen CLIP keeps SDPA
             self.model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
         else:
@@ -135,7 +136,8 @@ class BestTransformersTrainee(BaselineTrainee):
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
         sequences = [render(s, self.image_block) for s in samples]
-        flatten = self.flatten_for_flash if self.attention.startswith("flash") else self.flatten
+        flash = self.attention.startswith("flash_attention")
+        flatten = self.flatten_for_flash if flash else self.flatten
         batch = flatten([{"input_ids": ids, "labels": labels} for ids, labels in sequences])
         batch.update(batch_stats(sequences))
         batch["num_tokens"] = batch["num_padded_tokens"] = int(batch["input_ids"].shape[1])
