@@ -721,8 +721,7 @@ def test_flash_attention_4_of_the_tuned_row_stays_out_of_compiled_graphs() -> No
 
 
 def test_steady_rate_leaves_out_steps_over_twice_the_median() -> None:
-    """One stalled step (a long padded batch mapping new memory) weighs on 20 steps' mean;
-    the steady rate leaves it out and says so."""
+    """One stalled step weighs on 20 steps' mean; the steady rate leaves it out and says so."""
     from benchmarks.train_throughput.measure import Measurement
 
     m = Measurement("baseline", "1.5b", "mlp", 576, 12, "sdpa", False)

@@ -20,6 +20,9 @@ from benchmarks.train_throughput.device import (
 from benchmarks.train_throughput.stream import SampleStream
 from benchmarks.train_throughput.trainee import Trainee
 
+# a timed step slower than this many times its row's median counts as a stall
+STALL_FACTOR = 2.0
+
 
 @dataclass
 class Measurement:
@@ -76,13 +79,19 @@ class Measurement:
     def padding_pct(self) -> float:
         return 100.0 * (self.padded_tokens - self.real_tokens) / max(self.padded_tokens, 1)
 
-    def steady(self, stall_factor: float = 2.0) -> tuple[float, int]:
-        """Real tokens/s over the timed steps no slower than ``stall_factor`` x the median
+    @property
+    def median_step_ms(self) -> float:
+        """The upper median of the timed steps (nan before any)."""
+        times = sorted(self.step_times_ms)
+        return times[len(times) // 2] if times else float("nan")
+
+    def steady(self) -> tuple[float, int]:
+        """Real tokens/s over the timed steps no slower than ``STALL_FACTOR`` x the median
         step, and how many were left out: a one-off stall (a recompile, a new shape's set-up)
         that a long run pays once weighs heavily on 20 steps' mean."""
         if not self.ok or not self.step_times_ms:
             return float("nan"), 0
-        limit = stall_factor * sorted(self.step_times_ms)[len(self.step_times_ms) // 2]
+        limit = STALL_FACTOR * self.median_step_ms
         steps = zip(self.step_times_ms, self.step_real_tokens, strict=True)
         kept = [(t, n) for t, n in steps if t <= limit]
         seconds = sum(t for t, _ in kept) / 1000

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.train_throughput.generation import GenResult
 from benchmarks.train_throughput.loader import LoaderResult
-from benchmarks.train_throughput.measure import Measurement
+from benchmarks.train_throughput.measure import STALL_FACTOR, Measurement
 from benchmarks.train_throughput.rows import RowReport
 from benchmarks.train_throughput.sizes import (
     BASELINE_ROWS,
@@ -154,9 +154,9 @@ def _step_time_lines(finals: Sequence[Measurement]) -> list[str]:
             steady, stalls = m.steady()
             versus = naive.get(m.decoder, float("nan"))
             lines.append(
-                f"- {m.decoder} {m.row}: min {times[0]:.0f}, median {times[len(times) // 2]:.0f}, "
+                f"- {m.decoder} {m.row}: min {times[0]:.0f}, median {m.median_step_ms:.0f}, "
                 f"max {times[-1]:.0f}; allocator retries {m.alloc_retries}; without the "
-                f"{stalls} step(s) over 2x the median: {_fmt(steady, 0)} real tok/s"
+                f"{stalls} step(s) over {STALL_FACTOR:g}x the median: {_fmt(steady, 0)} real tok/s"
                 f" ({_ratio(steady / versus)} the naive row's); in order: "
                 + ", ".join(f"{t:.0f}" for t in m.step_times_ms)
             )
