@@ -472,13 +472,14 @@ def test_tiny_sliced_rows_report_packed_vs_padded(tmp_path: Path) -> None:
     assert "- 0.5b: MFU sliced packed / unsliced resampler = " in text
     assert "- 0.5b resampler-sliced: views per image over its 8 timed images" in text
     assert "- 0.5b resampler-sliced: min " in text and "; in order: " in text
+    assert re.search(r"; host: [\d, ]+; GC passes \d+ \(\d+ ms; full: ", text)
     assert "Sliced rows: the resampler row's model with image_slicing(max_slices=9" in text
 
     raw = json.loads(out.with_suffix(".json").read_text())
     by_row = {r["row"]: r for r in raw["rows"]}
     assert by_row["resampler"]["views"] == by_row["resampler"]["images"] == 8
     for row in by_row.values():  # one time per timed step, adding up to the row's wall time
-        assert len(row["step_times_ms"]) == row["steps"]
+        assert len(row["step_times_ms"]) == len(row["step_host_ms"]) == row["steps"]
         assert sum(row["step_times_ms"]) == pytest.approx(1000 * row["seconds"], rel=0.05)
     hist = by_row["resampler-sliced"]["view_hist"]
     assert sum(hist.values()) == 8 and by_row["resampler-sliced"]["views"] == sum(
@@ -734,3 +735,22 @@ def test_steady_rate_leaves_out_steps_over_twice_the_median() -> None:
     assert m.steady() == (pytest.approx(4200 / 0.52), 0)
     m.status = "OOM"
     assert math.isnan(m.steady()[0])
+
+
+def test_gc_passes_while_timed_are_logged_with_their_step_and_generation() -> None:
+    """A stalled step can be told from a Python GC pass: each pass, its step and generation."""
+    import gc
+
+    from benchmarks.train_throughput.measure import GcPauses
+    from benchmarks.train_throughput.report import _gc_summary
+
+    with GcPauses() as log:
+        log.step = 3
+        gc.collect()
+    assert log.on_gc not in gc.callbacks
+    step, generation, ms = log.pauses[-1]
+    assert (step, generation) == (3, 2) and ms >= 0
+    gc.collect()  # after the block: not logged
+    assert log.pauses[-1] == (step, generation, ms)
+    summary = _gc_summary([(0, 0, 1.2), (4, 2, 250.4)])
+    assert summary == "GC passes 2 (252 ms; full: step 5 250 ms)"

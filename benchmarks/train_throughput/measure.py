@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 import traceback
@@ -52,6 +53,10 @@ class Measurement:
     view_sizes: int = 0  # distinct view sizes summed over the timed steps
     view_hist: dict[int, int] = field(default_factory=dict)  # views per image -> images
     step_times_ms: list[float] = field(default_factory=list)  # each timed step, in order
+    # the host's time to issue each timed step (the step's Python; with a GPU the kernels may
+    # still run after it): a stall here and not in step_times_ms is the GPU's, both: the host's
+    step_host_ms: list[float] = field(default_factory=list)
+    gc_pauses: list[tuple[int, int, float]] = field(default_factory=list)  # see GcPauses
     step_real_tokens: list[int] = field(default_factory=list)  # the same steps' real tokens
     alloc_retries: int = 0  # CUDA caching allocator: frees-all-and-retry events while timed
 
@@ -144,7 +149,35 @@ class StepMark:
     def ms_until(self, later: StepMark) -> float:
         if self.event is not None and later.event is not None:
             return float(self.event.elapsed_time(later.event))
+        return self.host_ms_until(later)
+
+    def host_ms_until(self, later: StepMark) -> float:
         return 1000 * (later.clock - self.clock)
+
+
+class GcPauses:
+    """Python's cyclic garbage collector while the timed steps run: one ``(timed step,
+    generation, ms)`` per pass, so a step's stall can be told from a collection (or not)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, int, float]] = []
+        self.step = 0
+        self.started: float | None = None
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self.on_gc)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        gc.callbacks.remove(self.on_gc)
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif self.started is not None:
+            ms = 1000 * (time.perf_counter() - self.started)
+            self.pauses.append((self.step, int(info["generation"]), ms))
+            self.started = None
 
 
 def measure(
@@ -176,17 +209,24 @@ def measure(
         for batch in warm:
             trainee.step(batch)
         sync(device)
-        free_memory(device)
+        # the warm-up's cached blocks stay: emptied here, the timed steps would map the memory
+        # again, as a training loop does once (with expandable segments, GBs of it in one step)
+        gc.collect()
         reset_peak(device)
         retries = alloc_retries(device)
         start = time.perf_counter()
         marks = [StepMark(device)]
-        for batch in timed:
-            trainee.step(batch)
-            marks.append(StepMark(device))
+        with GcPauses() as collections:
+            for batch in timed:
+                trainee.step(batch)
+                marks.append(StepMark(device))
+                collections.step += 1
         sync(device)
         result.seconds = time.perf_counter() - start
-        result.step_times_ms = [a.ms_until(b) for a, b in zip(marks, marks[1:], strict=False)]
+        pairs = list(zip(marks, marks[1:], strict=False))
+        result.step_times_ms = [a.ms_until(b) for a, b in pairs]
+        result.step_host_ms = [a.host_ms_until(b) for a, b in pairs]
+        result.gc_pauses = collections.pauses
         result.alloc_retries = alloc_retries(device) - retries
     except Exception as error:  # OOM or a failing kernel/compile: recorded, run continues
         failure = failure_status(error)

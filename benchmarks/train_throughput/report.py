@@ -159,8 +159,18 @@ def _step_time_lines(finals: Sequence[Measurement]) -> list[str]:
                 f"{stalls} step(s) over {STALL_FACTOR:g}x the median: {_fmt(steady, 0)} real tok/s"
                 f" ({_ratio(steady / versus)} the naive row's); in order: "
                 + ", ".join(f"{t:.0f}" for t in m.step_times_ms)
+                + "; host: "
+                + ", ".join(f"{t:.0f}" for t in m.step_host_ms)
+                + f"; {_gc_summary(m.gc_pauses)}"
             )
     return lines
+
+
+def _gc_summary(pauses: Sequence[tuple[int, int, float]]) -> str:
+    """Python GC passes while timed: how many, and the full (generation 2) ones by step."""
+    full = [f"step {step + 1} {ms:.0f} ms" for step, generation, ms in pauses if generation == 2]
+    total = sum(ms for _, _, ms in pauses)
+    return f"GC passes {len(pauses)} ({total:.0f} ms; full: {', '.join(full) or 'none'})"
 
 
 def _sliced_table(finals: Sequence[Measurement], peak: float) -> list[str]:
