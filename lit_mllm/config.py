@@ -66,7 +66,9 @@ class DecoderConfig:
     """``name_or_path`` (a local folder or a hub id in the HF cache) or ``config`` (a
     transformers config dict with ``model_type``) for random init; ``train`` says what learns.
     ``mlp_kernel: quack``: SwiGLU MLPs on quack's GEMMs with the activation in their epilogues
-    (Hopper/Blackwell; ``lit_mllm.models.fused_mlp``)."""
+    (Hopper/Blackwell; ``lit_mllm.models.fused_mlp``). ``float8: tensorwise`` (or ``rowwise``):
+    the decoder layers' linear layers run their GEMMs in float8 through torchao, with dynamic
+    scales (Ada/Hopper/Blackwell; ``lit_mllm.models.float8``)."""
 
     name_or_path: str | None = None
     config: dict[str, Any] | None = None
@@ -81,6 +83,7 @@ class DecoderConfig:
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     mlp_kernel: Literal["transformers", "quack"] = "transformers"
+    float8: Literal["tensorwise", "rowwise"] | None = None
 
 
 @dataclass

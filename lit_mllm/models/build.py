@@ -14,6 +14,7 @@ from lit_mllm.config import DecoderConfig, ModelSettings
 from lit_mllm.data.slicing import ImageSlicing
 from lit_mllm.models.connector import build_connector, num_image_tokens
 from lit_mllm.models.decoder import build_decoder, resize_embeddings_for
+from lit_mllm.models.float8 import convert_to_float8
 from lit_mllm.models.fused_mlp import MLP_KERNELS, PROJECTIONS, fuse_swiglu_mlps
 from lit_mllm.models.mllm import MultimodalLM
 from lit_mllm.models.vision import VisionEncoder
@@ -52,6 +53,8 @@ def build_model(
     resize_embeddings_for(decoder, len(tokenizer))
     if fused_mlp_asked(dec):
         fuse_swiglu_mlps(decoder)
+    if float8_asked(dec):
+        convert_to_float8(decoder, dec.float8)
     grid = vision.default_grid
     conn = settings.connector
     if conn.merge < 1 or (conn.kind == "mlp" and (grid[0] % conn.merge or grid[1] % conn.merge)):
@@ -143,6 +146,19 @@ def fused_mlp_asked(settings: DecoderConfig) -> bool:
             "model.decoder.mlp_kernel quack reads the MLP's base weights, so LoRA adapters on "
             f"{sorted(adapted)} would be skipped: drop them from lora_target_modules or use "
             "mlp_kernel: transformers"
+        )
+    return True
+
+
+def float8_asked(settings: DecoderConfig) -> bool:
+    """``float8`` set, checked against the training mode: PEFT's LoRA layers wrap plain linear
+    layers, and float8 with adapters is not something lit-mllm has tested."""
+    if settings.float8 is None:
+        return False
+    if settings.train == "lora":
+        raise ValueError(
+            f"model.decoder.float8 {settings.float8!r} trains the decoder's own weights in "
+            "float8; it is not combined with train: lora. Use train: full, or float8: null"
         )
     return True
 

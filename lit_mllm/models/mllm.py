@@ -15,6 +15,7 @@ from transformers.integrations.fsdp import is_fsdp_managed_module
 from lit_mllm.errors import UsageError
 from lit_mllm.models.attention import VARLEN_ATTENTIONS, VARLEN_FA4_ATTENTION
 from lit_mllm.models.fa4_varlen import fa4_problem
+from lit_mllm.models.float8 import float8_problem, has_float8_linears
 from lit_mllm.models.fused_mlp import fused_mlps
 from lit_mllm.models.graphed_decoding import GraphedGreedyDecoding
 from lit_mllm.models.token_layout import TokenLayout, image_slot_positions
@@ -247,8 +248,9 @@ class MultimodalLM(nn.Module):
 
     def check_kernels(self, device: torch.device) -> None:
         """The optional kernels on a GPU, once per device: ``lit_varlen_fa4`` needs
-        FlashAttention-4, ``mlp_kernel: quack`` loads quack. A missing package or an older GPU
-        is one clear error at the first forward, not a failure inside a compiled layer."""
+        FlashAttention-4, ``mlp_kernel: quack`` loads quack, ``float8`` needs float8 tensor
+        cores. A missing package or an older GPU is one clear error at the first forward, not a
+        failure inside a compiled layer."""
         name = getattr(self.decoder.get_decoder().config, "_attn_implementation", None)
         if device.type != "cuda" or (device, name) in self._kernels_checked:
             return
@@ -258,6 +260,9 @@ class MultimodalLM(nn.Module):
                 raise UsageError(f"decoder.attn_implementation {VARLEN_FA4_ATTENTION}: {problem}")
         for mlp in fused_mlps(self.decoder):
             mlp.load_kernel(device)
+        problem = float8_problem(device) if has_float8_linears(self.decoder) else None
+        if problem is not None:
+            raise UsageError(f"model.decoder.float8: {problem}")
         self._kernels_checked.add((device, name))
 
     def forward(
