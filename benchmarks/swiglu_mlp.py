@@ -1,11 +1,12 @@
-"""One decoder MLP's training step: transformers' SwiGLU MLP compiled against quack's fused GEMMs.
+"""One decoder MLP's training step: transformers' SwiGLU MLP compiled, against quack's fused GEMMs
+and torchao's float8 GEMMs (``model.decoder.float8``).
 
 ``python -m benchmarks.swiglu_mlp`` (CUDA): the 1.5B benchmark's MLP (Qwen2: 1536 -> 8960 ->
 1536) on one packed row of the MLP row's size (26,880 tokens at micro-batch 32), float32 weights
 under bf16 autocast and a bf16 input, as in training. Forward and forward+backward time per
 call, TFLOP/s, and the fused layer's error against transformers' (output, input and weight
-gradients). quack that cannot run here (not installed, or before Hopper) is listed with the
-reason.
+gradients). quack or float8 that cannot run here (not installed, or an older GPU) is listed
+with the reason.
 """
 
 from __future__ import annotations
@@ -20,12 +21,19 @@ from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from benchmarks.kernel_table import measure, timing_row
+from lit_mllm.models.float8 import (
+    FLOAT8_INSTALL,
+    FLOAT8_MODULE,
+    FLOAT8_RECIPES,
+    float8_problem,
+)
 from lit_mllm.models.fused_mlp import FusedSwiGLU, quack_problem
+from lit_mllm.models.gpu_kernels import module_installed
 
 
 def mlp_layers(args: argparse.Namespace, device: torch.device) -> dict[str, nn.Module]:
-    """transformers' MLP (compiled, as ``compile_blocks`` does) and the fused layer over a copy
-    of the same weights."""
+    """transformers' MLP (compiled, as ``compile_blocks`` does), the fused layer and the float8
+    layers over copies of the same weights."""
     config = Qwen2Config(hidden_size=args.hidden, intermediate_size=args.intermediate)
     torch.manual_seed(0)
     reference = Qwen2MLP(config).to(device)
@@ -37,7 +45,22 @@ def mlp_layers(args: argparse.Namespace, device: torch.device) -> dict[str, nn.M
         layers["quack fused (mlp_kernel: quack)"] = FusedSwiGLU(
             mine.gate_proj, mine.up_proj, mine.down_proj
         )
+    if device.type == "cuda" and float8_skip_reason(device) is None:  # off CUDA: emulated
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        for recipe in FLOAT8_RECIPES:
+            mine = copy.deepcopy(reference)
+            convert_to_float8_training(mine, config=Float8LinearConfig.from_recipe_name(recipe))
+            layers[f"float8 {recipe}, compiled (float8: {recipe})"] = torch.compile(
+                mine, dynamic=True
+            )
     return layers
+
+
+def float8_skip_reason(device: torch.device) -> str | None:
+    if not module_installed(FLOAT8_MODULE):
+        return f"torchao is not installed: {FLOAT8_INSTALL}"
+    return float8_problem(device)
 
 
 def training_call(layer: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], list[Tensor]]:
@@ -94,9 +117,12 @@ def main(argv: Sequence[str] | None = None) -> str:
         result = time_layer(layer, x, grad_out, args.repeats)
         reference = reference or result["outputs"]
         lines.append(timing_row(name, result, reference, flops, 3 * flops))
-    problem = quack_problem(device)
-    if problem is not None:
-        lines += ["", f"quack not run: {problem}"]
+    for kernel, problem in (
+        ("quack", quack_problem(device)),
+        ("float8", float8_skip_reason(device)),
+    ):
+        if problem is not None:
+            lines += ["", f"{kernel} not run: {problem}"]
     text = "\n".join(lines)
     print(text)
     return text

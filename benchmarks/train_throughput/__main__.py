@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["transformers", "quack"],
         help="lit rows: model.decoder.mlp_kernel (quack: SwiGLU in the GEMM epilogues)",
     )
+    p.add_argument(
+        "--float8",
+        default="none",
+        choices=["none", "tensorwise", "rowwise"],
+        help="lit and best-transformers rows: the decoder layers' linear layers in float8 "
+        "(torchao; model.decoder.float8); the naive row stays bf16",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device peak")
     p.add_argument("--gen-batch-size", type=int, default=None, help="captions per batch (32)")
     p.add_argument("--gen-batches", type=int, default=None, help="timed batches (3; 0 = skip)")

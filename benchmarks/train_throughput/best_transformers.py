@@ -16,7 +16,9 @@
   later would run it too); its class replacements are undone for the same reason;
 - regional ``torch.compile`` of the decoder layers (dynamic shapes: packed rows change length),
   tried against eager like every other choice;
-- fused AdamW, the frozen vision tower in bf16 (a skilled user would not keep it in fp32).
+- fused AdamW, the frozen vision tower in bf16 (a skilled user would not keep it in fp32);
+- with ``--float8``: torchao's ``convert_to_float8_training`` on the language model's decoder
+  layers, the same layers lit-mllm converts (torchao is open to a transformers user too).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from benchmarks.train_throughput.baseline import BaselineTrainee
 from benchmarks.train_throughput.sizes import Sizes
 from benchmarks.train_throughput.stream import Sample, batch_stats, render
 from benchmarks.train_throughput.trainee import autocast
+from lit_mllm.models.float8 import convert_to_float8
 
 FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -63,7 +66,14 @@ class BestTransformersTrainee(BaselineTrainee):
     row = "best-transformers"
     attention_candidates = ("sdpa", "flex_attention")
 
-    def __init__(self, sizes: Sizes, decoder: str, device: torch.device, liger: bool) -> None:
+    def __init__(
+        self,
+        sizes: Sizes,
+        decoder: str,
+        device: torch.device,
+        liger: bool,
+        float8: str | None = None,
+    ) -> None:
         super().__init__(sizes, decoder, device)
         from transformers import DataCollatorWithFlattening
 
@@ -81,6 +91,8 @@ class BestTransformersTrainee(BaselineTrainee):
             self.can_compile = False
         if self.liger:  # CUDA with liger-kernel installed; elsewhere the stock modules
             self.fused_loss = self._apply_liger()
+        if float8 is not None:  # the same Parameters: the optimizer made above keeps them
+            convert_to_float8(self.model.model.language_model, float8)
         if device.type == "cuda":
             self.model.model.vision_tower.to(torch.bfloat16)
         self.layers_compiled = False

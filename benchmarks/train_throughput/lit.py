@@ -31,6 +31,7 @@ class LitTrainee(Trainee):
         image_slicing: ImageSlicing | None = None,
         layout: bool = True,
         mlp_kernel: str = "transformers",
+        float8: str | None = None,
     ) -> None:
         super().__init__(sizes, decoder, device)
         from lit_mllm.module import MLLMModule
@@ -55,6 +56,7 @@ class LitTrainee(Trainee):
                     "train": "full",
                     "attn_implementation": "sdpa",
                     "mlp_kernel": mlp_kernel,
+                    "float8": float8,
                 },
                 image_slicing=image_slicing,
             )

@@ -119,6 +119,15 @@ def build_notes(args: argparse.Namespace, sizes: Sizes, device: torch.device) ->
             if args.mlp_kernel == "quack"
             else "transformers' (cuBLAS GEMMs, the SwiGLU compiled with the layer)."
         ),
+        "Linear layers of the decoder layers: "
+        + (
+            f"float8 GEMMs, torchao {args.float8} scaling (--float8, model.decoder.float8), in "
+            "the lit and best-transformers rows (the naive row stays bf16; with --mlp-kernel "
+            "quack the lit rows' MLPs keep quack's bf16 GEMMs). MFU counts the same FLOPs "
+            "against the bf16 peak."
+            if args.float8 != "none"
+            else "bf16 GEMMs under autocast."
+        ),
         "MFU = model FLOPs per step / step time / peak dense bf16 FLOP/s of the device "
         "(lit_mllm.flops): per image encoder forward only 2*N_enc*T + 4*L_enc*D_enc*T^2 "
         "(T = patches + CLS); connector 6*N_conn*P (+ 12*Q*P*D for the resampler); decoder "

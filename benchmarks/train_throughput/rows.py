@@ -180,15 +180,20 @@ def make_trainee(
     device: torch.device,
     layout: bool = True,
     mlp_kernel: str = "transformers",
+    float8: str | None = None,
 ) -> Trainee:
-    """The model and training loop of one row of the table (``mlp_kernel``: lit rows')."""
+    """The model and training loop of one row of the table (``mlp_kernel``: lit rows';
+    ``float8``: lit and best-transformers rows', never the naive one's)."""
     if row == "baseline":
         return BaselineTrainee(sizes, decoder, device)
     if row in BEST_ROWS:
-        return BestTransformersTrainee(sizes, decoder, device, liger=row.endswith("-liger"))
+        liger = row.endswith("-liger")
+        return BestTransformersTrainee(sizes, decoder, device, liger=liger, float8=float8)
     if is_sliced(row):
-        return SlicedLitTrainee(sizes, decoder, device, is_padded(row), mlp_kernel)
-    return LitTrainee(sizes, decoder, row, device, layout=layout, mlp_kernel=mlp_kernel)
+        return SlicedLitTrainee(sizes, decoder, device, is_padded(row), mlp_kernel, float8)
+    return LitTrainee(
+        sizes, decoder, row, device, layout=layout, mlp_kernel=mlp_kernel, float8=float8
+    )
 
 
 def run_row(
@@ -207,7 +212,8 @@ def run_row(
     report = RowReport(final=None)
     try:
         layout = args.lit_layout == "on"
-        trainee = make_trainee(row, decoder, sizes, device, layout, args.mlp_kernel)
+        float8 = None if args.float8 == "none" else args.float8
+        trainee = make_trainee(row, decoder, sizes, device, layout, args.mlp_kernel, float8)
         if isinstance(trainee, LitTrainee):
             trainee.set_residual_dtype(args.residual_dtype)
         batch_sizes = args.batch_sizes[row]

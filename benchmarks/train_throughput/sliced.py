@@ -64,9 +64,16 @@ class SlicedLitTrainee(LitTrainee):
         device: torch.device,
         padded: bool,
         mlp_kernel: str = "transformers",
+        float8: str | None = None,
     ) -> None:
         super().__init__(
-            sizes, decoder, "resampler", device, image_slicing=sizes.slicing, mlp_kernel=mlp_kernel
+            sizes,
+            decoder,
+            "resampler",
+            device,
+            image_slicing=sizes.slicing,
+            mlp_kernel=mlp_kernel,
+            float8=float8,
         )
         self.padded = padded
         self.row = "resampler-sliced-padded" if padded else "resampler-sliced"
