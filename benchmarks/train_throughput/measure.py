@@ -209,9 +209,7 @@ def measure(
         for batch in warm:
             trainee.step(batch)
         sync(device)
-        # the warm-up's cached blocks stay: emptied here, the timed steps would map the memory
-        # again, as a training loop does once (with expandable segments, GBs of it in one step)
-        gc.collect()
+        free_memory(device)
         reset_peak(device)
         retries = alloc_retries(device)
         start = time.perf_counter()
