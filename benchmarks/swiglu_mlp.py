@@ -25,6 +25,7 @@ from lit_mllm.models.float8 import (
     FLOAT8_INSTALL,
     FLOAT8_MODULE,
     FLOAT8_RECIPES,
+    float8_config,
     float8_problem,
 )
 from lit_mllm.models.fused_mlp import FusedSwiGLU, quack_problem
@@ -46,11 +47,11 @@ def mlp_layers(args: argparse.Namespace, device: torch.device) -> dict[str, nn.M
             mine.gate_proj, mine.up_proj, mine.down_proj
         )
     if device.type == "cuda" and float8_skip_reason(device) is None:  # off CUDA: emulated
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8 import convert_to_float8_training
 
         for recipe in FLOAT8_RECIPES:
             mine = copy.deepcopy(reference)
-            convert_to_float8_training(mine, config=Float8LinearConfig.from_recipe_name(recipe))
+            convert_to_float8_training(mine, config=float8_config(recipe))
             layers[f"float8 {recipe}, compiled (float8: {recipe})"] = torch.compile(
                 mine, dynamic=True
             )

@@ -37,6 +37,8 @@ def test_every_projection_of_every_layer_is_converted_and_nothing_else() -> None
     )
     assert _converted(module) == expected
     assert type(module.model.decoder.get_output_embeddings()) is torch.nn.Linear
+    layer = module.get_submodule(expected[0])
+    assert layer.config.pad_inner_dim  # packed rows of any length: the token dim is padded
 
 
 def test_weights_names_and_checkpoints_stay_as_they_are() -> None:
@@ -128,6 +130,7 @@ def test_float8_training_step_on_the_gpu_follows_bf16() -> None:
             k: v.cuda() if isinstance(v, torch.Tensor) else v
             for k, v in make_batch(module, packing=True).items()
         }
+        assert batch["input_ids"].shape[1] % 16  # a row float8's GEMMs must pad
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = module(batch)
         loss.backward()

@@ -8,7 +8,9 @@ optimizer states and the checkpoint stay as they are (same names, same dtypes); 
 inputs are rounded, so the loss follows the bf16 loss closely but not bit for bit.
 
 Converted: the linear layers inside the decoder's layers whose sizes are multiples of 16 (the
-float8 GEMM's alignment). Left in bf16: the embeddings, the LM head (it runs on the supervised
+float8 GEMM's alignment). The weight gradient's GEMM sums over the tokens, whose count a packed
+row leaves arbitrary: torchao pads that inner dimension to 16 (``pad_inner_dim``; without it the
+first packed row of another length fails in the backward). Left in bf16: the embeddings, the LM head (it runs on the supervised
 positions only, a few rows), the connector and the frozen vision tower. With
 ``mlp_kernel: quack`` the fused MLPs keep quack's bf16 GEMMs and only the attention projections
 take float8. Off a GPU torchao computes the same casts in emulation: slow, for tests only.
@@ -16,6 +18,7 @@ take float8. Off a GPU torchao computes the same casts in emulation: slow, for t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
@@ -76,7 +79,7 @@ def convert_to_float8(decoder: PreTrainedModel, recipe: str) -> list[str]:
         raise ValueError(f"model.decoder.float8 {recipe!r} is not one of {list(FLOAT8_RECIPES)}")
     if not module_installed(FLOAT8_MODULE):
         raise UsageError(f"model.decoder.float8 needs torchao ({FLOAT8_MODULE}): {FLOAT8_INSTALL}")
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8 import convert_to_float8_training
 
     names = set(float8_linear_names(decoder))
     if not names:
@@ -86,10 +89,17 @@ def convert_to_float8(decoder: PreTrainedModel, recipe: str) -> list[str]:
         )
     convert_to_float8_training(
         decoder,
-        config=Float8LinearConfig.from_recipe_name(recipe),
+        config=float8_config(recipe),
         module_filter_fn=lambda _module, name: name in names,
     )
     return sorted(names)
+
+
+def float8_config(recipe: str):  # -> torchao.float8.Float8LinearConfig (an optional package)
+    """torchao's ``recipe`` with the token dimension padded (see the module's docstring)."""
+    from torchao.float8 import Float8LinearConfig
+
+    return dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), pad_inner_dim=True)
 
 
 def has_float8_linears(model: nn.Module) -> bool:
