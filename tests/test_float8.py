@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import MICRO_DECODER, _fit, make_batch, micro_module
+from test_gpu import _on_cuda, bf16_loss_and_grads, check_bf16_mixed_fit_halves_the_loss
+from test_model import MICRO_DECODER, make_batch, micro_module
 
 from benchmarks.train_throughput.best_transformers import BestTransformersTrainee
 from benchmarks.train_throughput.sizes import TINY
@@ -123,20 +124,12 @@ def test_the_tuned_transformers_row_converts_the_same_layers_keeping_its_paramet
 @pytest.mark.skipif(not FLOAT8_GPU, reason="needs a GPU with float8 tensor cores")
 def test_float8_training_step_on_the_gpu_follows_bf16() -> None:
     """The real float8 GEMMs (H100/H200) against bf16 autocast, from the same weights."""
-    results = []
-    for settings in (MICRO_DECODER, FLOAT8):
-        module = micro_module(decoder=settings).cuda()
-        batch = {
-            k: v.cuda() if isinstance(v, torch.Tensor) else v
-            for k, v in make_batch(module, packing=True).items()
-        }
-        assert batch["input_ids"].shape[1] % 16  # a row float8's GEMMs must pad
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = module(batch)
-        loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
-        results.append((loss.detach().float(), grads.float()))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    plain, converted = micro_module().cuda(), micro_module(decoder=FLOAT8).cuda()
+    batch = _on_cuda(make_batch(plain, packing=True))
+    assert batch["input_ids"].shape[1] % 16  # a row float8's GEMMs must pad
+    (loss_a, grads_a), (loss_b, grads_b) = (
+        bf16_loss_and_grads(m, batch) for m in (plain, converted)
+    )
     torch.testing.assert_close(loss_b, loss_a, rtol=2e-2, atol=0)
     assert float((grads_b - grads_a).norm() / grads_a.norm()) < 0.2
 
@@ -145,12 +138,4 @@ def test_float8_training_step_on_the_gpu_follows_bf16() -> None:
 @pytest.mark.skipif(not FLOAT8_GPU, reason="needs a GPU with float8 tensor cores")
 def test_bf16_mixed_fit_with_float8_lowers_the_loss() -> None:
     module = micro_module(decoder=FLOAT8, optim={"lr": 3e-3, "warmup_steps": 3})
-    batch = make_batch(module)
-    with torch.no_grad():
-        first = float(module.eval()(batch)[0])
-    _fit(module, 30, accelerator="cuda", precision="bf16-mixed")
-    module.cuda().eval()
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        last = float(module(batch)[0])
-    assert torch.isfinite(torch.tensor(last)) and last < 0.5 * first, (first, last)
+    check_bf16_mixed_fit_halves_the_loss(module)
