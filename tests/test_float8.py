@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from test_gpu import _on_cuda, bf16_loss_and_grads, check_bf16_mixed_fit_halves_the_loss
-from test_model import MICRO_DECODER, make_batch, micro_module
+from test_model import MICRO_DECODER, _prompt_items, make_batch, micro_module
 
 from benchmarks.train_throughput.best_transformers import BestTransformersTrainee
 from benchmarks.train_throughput.sizes import TINY
+from lit_mllm.data.collate import MLLMCollator
 from lit_mllm.errors import UsageError
 from lit_mllm.models import float8
 from lit_mllm.models.fused_mlp import FusedSwiGLU
@@ -66,6 +67,17 @@ def test_the_loss_follows_the_unconverted_loss_and_every_weight_gets_a_gradient(
     for name, grad in grads_a.items():
         error = float((grads_b[name] - grad).norm() / grad.norm())
         assert error < 0.2, (name, error)
+
+
+def test_caption_decoding_runs_through_the_float8_layers() -> None:
+    """Validation captions (no gradients, a growing KV cache: one token per step) go through
+    the same float8 layers; torchao pads rows of any length, so decoding runs."""
+    module = micro_module(decoder=FLOAT8, generation={"max_new_tokens": 6})
+    module.eval()
+    batch = MLLMCollator(module.tokenizer.pad_token_id)(_prompt_items(module))
+    with torch.no_grad():
+        captions = module.caption(batch)
+    assert len(captions) == len(batch["prompt_ids"]) and all(isinstance(c, str) for c in captions)
 
 
 def test_the_fused_mlps_keep_quacks_gemms_and_attention_takes_float8() -> None:
