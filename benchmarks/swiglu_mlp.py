@@ -21,15 +21,8 @@ from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from benchmarks.kernel_table import measure, timing_row
-from lit_mllm.models.float8 import (
-    FLOAT8_INSTALL,
-    FLOAT8_MODULE,
-    FLOAT8_RECIPES,
-    float8_config,
-    float8_problem,
-)
+from lit_mllm.models.float8 import FLOAT8_RECIPES, float8_config, float8_problem
 from lit_mllm.models.fused_mlp import FusedSwiGLU, quack_problem
-from lit_mllm.models.gpu_kernels import module_installed
 
 
 def mlp_layers(args: argparse.Namespace, device: torch.device) -> dict[str, nn.Module]:
@@ -46,7 +39,7 @@ def mlp_layers(args: argparse.Namespace, device: torch.device) -> dict[str, nn.M
         layers["quack fused (mlp_kernel: quack)"] = FusedSwiGLU(
             mine.gate_proj, mine.up_proj, mine.down_proj
         )
-    if device.type == "cuda" and float8_skip_reason(device) is None:  # off CUDA: emulated
+    if device.type == "cuda" and float8_problem(device) is None:  # off CUDA: emulated
         from torchao.float8 import convert_to_float8_training
 
         for recipe in FLOAT8_RECIPES:
@@ -56,12 +49,6 @@ def mlp_layers(args: argparse.Namespace, device: torch.device) -> dict[str, nn.M
                 mine, dynamic=True
             )
     return layers
-
-
-def float8_skip_reason(device: torch.device) -> str | None:
-    if not module_installed(FLOAT8_MODULE):
-        return f"torchao is not installed: {FLOAT8_INSTALL}"
-    return float8_problem(device)
 
 
 def training_call(layer: nn.Module, x: Tensor, grad_out: Tensor) -> Callable[[], list[Tensor]]:
@@ -120,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         lines.append(timing_row(name, result, reference, flops, 3 * flops))
     for kernel, problem in (
         ("quack", quack_problem(device)),
-        ("float8", float8_skip_reason(device)),
+        ("float8", float8_problem(device)),
     ):
         if problem is not None:
             lines += ["", f"{kernel} not run: {problem}"]

@@ -109,6 +109,8 @@ def test_without_torchao_the_error_says_how_to_install_it(monkeypatch) -> None:
     monkeypatch.setattr(float8, "module_installed", lambda module: False)
     with pytest.raises(UsageError, match=r"needs torchao \(torchao.float8\): `pip install torch"):
         micro_module(decoder=FLOAT8)
+    problem = "torchao (torchao.float8) is not installed: `pip install torchao`"
+    assert float8.float8_problem(torch.device("cpu")) == problem  # what the benchmark prints
 
 
 def test_a_gpu_without_float8_tensor_cores_is_named_before_any_layer_runs(monkeypatch) -> None:

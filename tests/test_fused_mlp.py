@@ -136,7 +136,7 @@ def test_the_benchmark_prints_both_layers_with_small_errors() -> None:
     assert rows[1].startswith("| quack fused")
     errors = [float(e) for e in rows[1].rsplit("|", 2)[1].split(",")]
     assert max(errors) < 2e-2, errors
-    float8_ready = swiglu_mlp.float8_skip_reason(torch.device("cuda")) is None
+    float8_ready = swiglu_mlp.float8_problem(torch.device("cuda")) is None
     assert [r.split(",")[0] for r in rows[2:]] == (
         ["| float8 tensorwise", "| float8 rowwise"] if float8_ready else []
     )

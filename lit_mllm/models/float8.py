@@ -19,7 +19,6 @@ take float8. Off a GPU torchao computes the same casts in emulation: slow, for t
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import torch
 from torch import nn
@@ -29,7 +28,6 @@ from lit_mllm.errors import UsageError
 from lit_mllm.models.fused_mlp import FusedSwiGLU
 from lit_mllm.models.gpu_kernels import module_installed
 
-Float8Recipe = Literal["tensorwise", "rowwise"]
 FLOAT8_RECIPES: tuple[str, ...] = ("tensorwise", "rowwise")
 FLOAT8_MODULE = "torchao.float8"
 FLOAT8_INSTALL = "`pip install torchao`"
@@ -38,8 +36,10 @@ FLOAT8_ALIGNMENT = 16
 
 
 def float8_problem(device: torch.device) -> str | None:
-    """Why float8 GEMMs cannot run fast on ``device`` (None when they can, and off CUDA, where
-    torchao emulates them)."""
+    """Why float8 GEMMs cannot run fast on ``device``: torchao missing, or a GPU without float8
+    tensor cores (None when they can, and off CUDA, where torchao emulates them)."""
+    if not module_installed(FLOAT8_MODULE):
+        return f"torchao ({FLOAT8_MODULE}) is not installed: {FLOAT8_INSTALL}"
     if device.type != "cuda":
         return None
     capability = torch.cuda.get_device_capability(device)
@@ -49,46 +49,47 @@ def float8_problem(device: torch.device) -> str | None:
     return None
 
 
-def float8_linear_names(decoder: PreTrainedModel) -> list[str]:
-    """The decoder layers' linear layers that take float8 (names relative to ``decoder``)."""
+def decoder_layers(decoder: PreTrainedModel) -> nn.Module:
     layers = getattr(decoder.get_decoder(), "layers", None)
     if layers is None:
         raise ValueError(
             f"model.decoder.float8 converts the linear layers of decoder layers; this "
             f"{decoder.config.model_type} decoder has no `layers`"
         )
-    in_layers = {id(module) for module in layers.modules()}
+    return layers
+
+
+def float8_linear_names(layers: nn.Module) -> list[str]:
+    """The linear layers under ``layers`` that take float8 (names relative to ``layers``)."""
     in_fused = {id(m) for f in layers.modules() if isinstance(f, FusedSwiGLU) for m in f.modules()}
-    names = []
-    for name, module in decoder.named_modules():
-        if (
-            type(module) is nn.Linear
-            and id(module) in in_layers
-            and id(module) not in in_fused
-            and module.in_features % FLOAT8_ALIGNMENT == 0
-            and module.out_features % FLOAT8_ALIGNMENT == 0
-        ):
-            names.append(name)
-    return names
+    return [
+        name
+        for name, module in layers.named_modules()
+        if type(module) is nn.Linear
+        and id(module) not in in_fused
+        and module.in_features % FLOAT8_ALIGNMENT == 0
+        and module.out_features % FLOAT8_ALIGNMENT == 0
+    ]
 
 
 def convert_to_float8(decoder: PreTrainedModel, recipe: str) -> list[str]:
     """Swap the decoder layers' linear layers for torchao's ``Float8Linear`` in place, with
-    ``recipe``'s scaling; returns the converted layers' names."""
+    ``recipe``'s scaling; returns the converted layers' names (relative to the layers' list)."""
     if recipe not in FLOAT8_RECIPES:
         raise ValueError(f"model.decoder.float8 {recipe!r} is not one of {list(FLOAT8_RECIPES)}")
     if not module_installed(FLOAT8_MODULE):
         raise UsageError(f"model.decoder.float8 needs torchao ({FLOAT8_MODULE}): {FLOAT8_INSTALL}")
     from torchao.float8 import convert_to_float8_training
 
-    names = set(float8_linear_names(decoder))
+    layers = decoder_layers(decoder)
+    names = set(float8_linear_names(layers))
     if not names:
         raise ValueError(
             "model.decoder.float8: no linear layer of the decoder's layers has sizes in "
             f"multiples of {FLOAT8_ALIGNMENT}; nothing would run in float8"
         )
     convert_to_float8_training(
-        decoder,
+        layers,
         config=float8_config(recipe),
         module_filter_fn=lambda _module, name: name in names,
     )
